@@ -1,0 +1,183 @@
+"""Where every stage's results live, and the layout of the Zarr stores (public interfaces).
+
+This module is the one place that knows folder names, array names, dims and chunking; stages
+call it instead of building paths or arrays themselves. Each store is a Zarr v3 group that
+`xarray.open_zarr` opens as a Dataset. Shards write disjoint, chunk-aligned regions and mark
+themselves complete with a small JSON file written after their data, so a crashed shard never
+counts as done and a rerun does only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+
+Kind = Literal["raw", "sae"]
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """The folders of one experiment under `<data_root>/experiments/<name>/`."""
+
+    root: Path
+
+    @property
+    def capture_dir(self) -> Path:
+        return self.root / "capture"
+
+    @property
+    def capture_store(self) -> Path:
+        return self.capture_dir / "activations.zarr"
+
+    @property
+    def capture_images(self) -> Path:
+        return self.capture_dir / "images"
+
+    @property
+    def capture_shards(self) -> Path:
+        return self.capture_dir / "shards"
+
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
+    def analysis_store(self, kind: Kind) -> Path:
+        return self.analysis_dir() / f"{kind}.zarr"
+
+    def analysis_summary(self, kind: Kind) -> Path:
+        return self.analysis_dir() / f"{kind}.summary.json"
+
+    def plots_dir(self, kind: Kind) -> Path:
+        return self.root / "plots" / kind
+
+    def prior_dir(self, kind: Kind) -> Path:
+        return self.root / "prior" / kind
+
+    def prior_store(self, kind: Kind) -> Path:
+        return self.prior_dir(kind) / "priors.zarr"
+
+    def dream_dir(self, run: str, kind: Kind) -> Path:
+        return self.root / "dream" / run / kind
+
+    def dream_store(self, run: str, kind: Kind) -> Path:
+        return self.dream_dir(run, kind) / "dreams.zarr"
+
+    @property
+    def representation_dir(self) -> Path:
+        return self.root / "representation"
+
+
+def consolidate(path: Path) -> None:
+    """Write consolidated metadata so xarray opens the store without probing every array."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+
+
+def open_store(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"store {path} does not exist; run the stage that writes it first")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return zarr.open_group(str(path), mode=mode)
+
+
+def _array(group: zarr.Group, name: str, data_or_shape: Any, dims: list[str], **kwargs: Any) -> zarr.Array:
+    """An array with named dims; given data, it is written at once."""
+    if isinstance(data_or_shape, tuple):
+        return group.create_array(name, shape=data_or_shape, dimension_names=dims, **kwargs)
+    data = np.asarray(data_or_shape)
+    dtype = str if data.dtype.kind in "UO" else data.dtype
+    array = group.create_array(name, shape=data.shape, dtype=dtype, dimension_names=dims, **kwargs)
+    if data.size:
+        array[...] = data
+    return array
+
+
+# --- capture --------------------------------------------------------------------------------
+
+CAPTURE_COORDS = "prompt seed image"
+
+
+def create_capture_store(
+    path: Path,
+    *,
+    prompts: list[str],
+    seeds: np.ndarray,
+    images: list[str],
+    timesteps: np.ndarray,
+    n_channels: int,
+    n_features: int | None,
+    chunk_samples: int,
+    dtype: str,
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    """Lay out `capture/activations.zarr` (DESIGN.md): data arrays filled with NaN until shards write."""
+    n_samples = len(prompts)
+    group = zarr.open_group(str(path), mode="w", attributes=attrs)
+    n_steps = len(timesteps)
+    for name, width, dim in (("raw", n_channels, "channel"), ("sae", n_features, "feature")):
+        if width is None:
+            continue
+        _array(
+            group,
+            name,
+            (n_samples, n_steps, width),
+            ["sample", "timestep", dim],
+            chunks=(chunk_samples, n_steps, min(width, 1024)),
+            dtype=dtype,
+            fill_value=np.nan,
+            attributes={"coordinates": CAPTURE_COORDS},
+        )
+        _array(group, dim, np.arange(width, dtype=np.int64), [dim])
+    _array(group, "timestep", np.asarray(timesteps, dtype=np.int64), ["timestep"])
+    _array(group, "prompt", np.asarray(prompts, dtype=str), ["sample"])
+    _array(group, "seed", np.asarray(seeds, dtype=np.int64), ["sample"])
+    _array(group, "image", np.asarray(images, dtype=str), ["sample"])
+    consolidate(path)
+    return group
+
+
+def write_capture_rows(group: zarr.Group, start: int, raw: np.ndarray, sae: np.ndarray | None) -> None:
+    """One region write per array for a shard's rows [start, start + len(raw))."""
+    stop = start + raw.shape[0]
+    group["raw"][start:stop] = raw.astype(group["raw"].dtype, copy=False)
+    if sae is not None:
+        group["sae"][start:stop] = sae.astype(group["sae"].dtype, copy=False)
+
+
+# --- shard completion markers ----------------------------------------------------------------
+
+
+def marker_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard_{shard:05d}.json"
+
+
+def shard_done(folder: Path, shard: int) -> bool:
+    return marker_path(folder, shard).is_file()
+
+
+def mark_shard_done(folder: Path, shard: int, info: dict[str, Any]) -> None:
+    """Atomically record that a shard's data is fully written (rename is atomic on POSIX)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = marker_path(folder, shard)
+    tmp = final.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    tmp.replace(final)
+
+
+def done_shards(folder: Path) -> set[int]:
+    if not folder.is_dir():
+        return set()
+    return {int(p.stem.split("_")[1]) for p in folder.glob("shard_*.json")}
+
+
+def clear_markers(folder: Path) -> None:
+    for p in folder.glob("shard_*.json"):
+        p.unlink()
