@@ -255,8 +255,9 @@ class InfrastructureConfig(Strict):
     slurm: dict[str, Any] = Field(default_factory=dict, description="dask-jobqueue SLURMCluster arguments")
     adapt_minimum: int = Field(0, ge=0)
     adapt_maximum: int = Field(4, ge=1)
-    stage_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="dotted stage defaults for this infrastructure (applied before CLI)"
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted defaults for this infrastructure (e.g. stages.capture.batch_size), applied before the CLI's",
     )
 
 
@@ -398,8 +399,8 @@ def compose(overrides: list[str] | None = None, base: Path | None = None) -> dic
     for field in ("jitter_max", "rotate_max", "scale_max"):
         if field in robustness:
             set_dotted(tree, f"stages.deep_dream.{field}", robustness[field])
-    for key, value in (tree.get("infrastructure") or {}).get("stage_overrides", {}).items():
-        set_dotted(tree, f"stages.{key}", value)
+    for key, value in (tree.get("infrastructure") or {}).get("overrides", {}).items():
+        set_dotted(tree, key, os.path.expandvars(value) if isinstance(value, str) else value)
     for key, value in pairs:
         if key not in GROUPS:
             set_dotted(tree, key, parse_value(value))

@@ -12,11 +12,11 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-import tarfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -164,12 +164,8 @@ def _hub(spec: AssetSource, dest: Path, _config: ExperimentConfig) -> None:
         try:
             cached = Path(snapshot_download(**args, local_files_only=True))
         except LocalEntryNotFoundError:
-            offline = constants.is_offline_mode()
-            reason = (
-                "HF_HUB_OFFLINE is set"
-                if offline
-                else f"the hub could not be reached ({error})"
-            )
+            offline = bool(getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)())
+            reason = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached ({error})"
             raise AssetMissingError(
                 f"asset {spec.name!r}: hub repo {repo} is not provisioned, not in the HF cache "
                 f"({constants.HF_HUB_CACHE}), and {reason}. To fix: run `ddr run provision` on a "
@@ -218,9 +214,7 @@ def _safe_zip_members(archive: zipfile.ZipFile, dest: Path) -> None:
             or not (root / name).resolve().is_relative_to(root)
         )
         if escapes:
-            raise UnsafeArchiveError(
-                f"zip member {member!r} would be extracted outside {dest}; refusing the archive"
-            )
+            raise UnsafeArchiveError(f"zip member {member!r} would be extracted outside {dest}; refusing the archive")
 
 
 def _unpack_or_keep(file: Path, dest: Path) -> None:
@@ -236,9 +230,7 @@ def _unpack_or_keep(file: Path, dest: Path) -> None:
             try:
                 archive.extractall(dest, filter="data")
             except tarfile.FilterError as error:
-                raise UnsafeArchiveError(
-                    f"tar member of {file.name} rejected: {error}"
-                ) from error
+                raise UnsafeArchiveError(f"tar member of {file.name} rejected: {error}") from error
         file.unlink()
     else:
         shutil.move(file, dest / file.name)
@@ -247,7 +239,9 @@ def _unpack_or_keep(file: Path, dest: Path) -> None:
 def _url(spec: AssetSource, dest: Path, _config: ExperimentConfig) -> None:
     """A plain URL download, checked against sha256 when given; archives are unpacked."""
     url = spec.url or ""
-    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    if name in ("", ".", ".."):
+        name = "download"
     download = dest / ".url-download"
     download.mkdir(parents=True, exist_ok=True)
     file = download / name
@@ -262,15 +256,12 @@ def _url(spec: AssetSource, dest: Path, _config: ExperimentConfig) -> None:
             f"asset {spec.name!r}: download of {url} failed: HTTP {error.code} {error.reason}"
         ) from error
     except (OSError, ValueError) as error:
-        raise AssetMissingError(
-            f"asset {spec.name!r}: download of {url} failed: {error}"
-        ) from error
+        raise AssetMissingError(f"asset {spec.name!r}: download of {url} failed: {error}") from error
     if spec.sha256:
         expected, actual = spec.sha256.strip().lower(), digest.hexdigest()
         if actual != expected:
             raise AssetMissingError(
-                f"asset {spec.name!r}: checksum mismatch for {url}: "
-                f"expected sha256 {expected}, got {actual}"
+                f"asset {spec.name!r}: checksum mismatch for {url}: expected sha256 {expected}, got {actual}"
             )
     _unpack_or_keep(file, dest)
     shutil.rmtree(download)
@@ -281,11 +272,16 @@ def _gdrive(spec: AssetSource, dest: Path, _config: ExperimentConfig) -> None:
 
     A folder's contents land at dest's top (gdown puts them in `output` itself when it does
     not end in a separator); a file is unpacked if it is an archive, else kept by its name.
-    gdown >= 5 raises DownloadError on failure; older versions returned None: both are errors.
+    gdown raises on failure (older versions returned None): both are errors.
     """
     import gdown
-    from gdown.exceptions import DownloadError
 
+    # gdown 6 raises DownloadError (FileURLRetrievalError is one); gdown 5 has no DownloadError.
+    gdown_errors = tuple(
+        getattr(gdown.exceptions, name)
+        for name in ("DownloadError", "FileURLRetrievalError", "FolderContentsMaximumLimitError")
+        if hasattr(gdown.exceptions, name)
+    )
     what = "folder" if spec.gdrive_folder else "file"
     download = dest / ".gdrive-download"
     try:
@@ -296,7 +292,7 @@ def _gdrive(spec: AssetSource, dest: Path, _config: ExperimentConfig) -> None:
             result = gdown.download(id=spec.gdrive_id, output=f"{download}{os.sep}", quiet=True)
             if result:
                 _unpack_or_keep(Path(result), dest)
-    except (DownloadError, OSError) as error:
+    except (*gdown_errors, OSError) as error:
         raise AssetMissingError(
             f"asset {spec.name!r}: Google Drive {what} {spec.gdrive_id} could not be downloaded: {error}"
         ) from error

@@ -181,3 +181,96 @@ def done_shards(folder: Path) -> set[int]:
 def clear_markers(folder: Path) -> None:
     for p in folder.glob("shard_*.json"):
         p.unlink()
+
+
+# --- analysis ---------------------------------------------------------------------------------
+
+# name -> (dims, dtype, fill value). Fill values mark what a block has not written yet.
+ANALYSIS_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any]] = {
+    "topk_frequency": (("channel", "timestep"), "float64", np.nan),
+    "max_activation": (("channel", "timestep"), "float32", np.nan),
+    "mean_activation": (("channel", "timestep"), "float32", np.nan),
+    "profile": (("channel", "t"), "float64", np.nan),
+    "active": (("channel", "t"), "bool", False),
+    "peak_t": (("channel", "peak"), "int64", -1),
+    "peak_height": (("channel", "peak"), "float64", np.nan),
+    "top_sample": (("channel", "timestep", "rank"), "int64", -1),
+    "top_value": (("channel", "timestep", "rank"), "float32", np.nan),
+}
+ANALYSIS_CHUNK_TARGET = 512
+
+
+def analysis_work_dir(store: Path) -> Path:
+    """`analysis/<kind>.work/`: block markers and the k-th-value side array (not part of the public store)."""
+    return Path(store).with_suffix(".work")
+
+
+def analysis_block_markers(store: Path) -> Path:
+    return analysis_work_dir(store) / "blocks"
+
+
+def analysis_kth_store(store: Path) -> Path:
+    return analysis_work_dir(store) / "kth.zarr"
+
+
+def analysis_channel_chunk(channel_block: int) -> int:
+    """Channel chunk of the analysis store: divides `channel_block`, so blocks never share a chunk.
+
+    The largest divisor <= ANALYSIS_CHUNK_TARGET keeps one channel's read small; when only tiny
+    divisors exist (e.g. a prime block size) the whole block is one chunk.
+    """
+    if channel_block <= ANALYSIS_CHUNK_TARGET:
+        return channel_block
+    best = max(d for d in range(1, ANALYSIS_CHUNK_TARGET + 1) if channel_block % d == 0)
+    return best if best >= 64 else channel_block
+
+
+def create_analysis_store(
+    path: Path,
+    *,
+    channels: np.ndarray,
+    timesteps: np.ndarray,
+    total_timesteps: int,
+    top_peak_count: int,
+    top_examples: int,
+    channel_block: int,
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    """Lay out `analysis/<kind>.zarr` (DESIGN.md); data arrays hold fill values until blocks write."""
+    n_channels, n_calls = len(channels), len(timesteps)
+    chunk = min(analysis_channel_chunk(channel_block), max(n_channels, 1))
+    sizes = {"channel": n_channels, "timestep": n_calls, "t": total_timesteps + 1}
+    sizes |= {"peak": top_peak_count, "rank": top_examples}
+    group = zarr.open_group(str(path), mode="w", attributes=attrs)
+    for name, (dims, dtype, fill) in ANALYSIS_ARRAYS.items():
+        shape = tuple(sizes[d] for d in dims)
+        _array(group, name, shape, list(dims), chunks=(chunk, *shape[1:]), dtype=dtype, fill_value=fill)
+    _array(group, "channel", np.asarray(channels, dtype=np.int64), ["channel"])
+    _array(group, "timestep", np.asarray(timesteps, dtype=np.int64), ["timestep"])
+    _array(group, "t", np.arange(total_timesteps + 1, dtype=np.int64), ["t"])
+    consolidate(path)
+    return group
+
+
+def write_analysis_block(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """One region write per array for channels [start, start + len); every array must be given."""
+    missing = set(ANALYSIS_ARRAYS) - set(arrays)
+    if missing:
+        raise ValueError(f"write_analysis_block: missing arrays {sorted(missing)}")
+    for name in ANALYSIS_ARRAYS:
+        data = arrays[name]
+        group[name][start : start + data.shape[0]] = data.astype(group[name].dtype, copy=False)
+
+
+def create_kth_store(path: Path, n_samples: int, n_calls: int, chunk_samples: int) -> zarr.Array:
+    """The per-(sample, call) k-th largest activation, so channel blocks need not read every channel."""
+    group = zarr.open_group(str(path), mode="w")
+    return _array(
+        group,
+        "kth",
+        (n_samples, n_calls),
+        ["sample", "timestep"],
+        chunks=(max(1, min(chunk_samples, n_samples)), n_calls),
+        dtype="float32",
+        fill_value=np.nan,
+    )

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+import diffusers
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ddr.config import ExperimentConfig, InfrastructureConfig
@@ -40,11 +41,12 @@ def resolve_dtype(infra: InfrastructureConfig, device: torch.device) -> torch.dt
 @functools.cache
 def _load_pipeline(model_dir: str, base_dir: str | None, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     folder = Path(model_dir)
+    diffusers.utils.logging.disable_progress_bar()
     if (folder / "model_index.json").is_file():
-        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None)
     elif base_dir is not None and (folder / "unet").is_dir():
-        pipe = StableDiffusionPipeline.from_pretrained(base_dir, torch_dtype=dtype, safety_checker=None)
-        pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(base_dir, dtype=dtype, safety_checker=None)
+        pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
     else:
         raise FileNotFoundError(
             f"{folder} holds neither a diffusers pipeline (model_index.json) nor a unet/ folder with a base_model"

@@ -282,7 +282,8 @@ def load_sae(
         raise FileNotFoundError(
             f"{folder} has {CFG_FILE} but neither {SPARSIFY_WEIGHTS} (sparsify/SAeUron) nor {SAELENS_WEIGHTS} (SAELens)"
         )
-    sae = SparseAutoencoder(**spec, device=device, dtype=dtype or next(iter(state.values())).dtype)
+    stored_dtype = state["W_dec"].dtype if "W_dec" in state else torch.float32
+    sae = SparseAutoencoder(**spec, device=device, dtype=dtype or stored_dtype)
     expected = sae.state_dict()
     if set(state) != set(expected):
         raise ValueError(f"{weights}: expected tensors {sorted(expected)}, found {sorted(state)}")
@@ -374,7 +375,7 @@ def _saelens_spec(cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
         raise ValueError(f"{where}: finetuning_scaling_factor is not supported")
     k = None
     if activation == "topk":
-        k = cfg.get("k", cfg.get("activation_fn_kwargs", {}).get("k"))
+        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
         if k is None:
             raise ValueError(f"{where}: topk SAE without 'k'")
     return {
