@@ -274,3 +274,102 @@ def create_kth_store(path: Path, n_samples: int, n_calls: int, chunk_samples: in
         dtype="float32",
         fill_value=np.nan,
     )
+
+
+# --- prior ------------------------------------------------------------------------------------
+
+# name -> dims of `prior/<kind>/priors.zarr` (DESIGN.md); `channel`, `timestep` are coordinates.
+PRIOR_ARRAYS: dict[str, tuple[str, ...]] = {
+    "latent": ("channel", "result", "latent_channel", "y", "x"),
+    "seed": ("result",),
+    "strength": ("channel", "timestep"),
+    "steered": ("channel", "timestep"),
+}
+
+
+def prior_images_dir(layout: ExperimentLayout, kind: Kind) -> Path:
+    return layout.prior_dir(kind) / "images"
+
+
+def prior_image_path(layout: ExperimentLayout, kind: Kind, channel: int, result: int) -> Path:
+    return prior_images_dir(layout, kind) / f"channel_{channel:05d}_result_{result}.png"
+
+
+def prior_contact_sheet_path(layout: ExperimentLayout, kind: Kind, channels: list[int]) -> Path:
+    """One contact sheet per shard, named by the shard's first and last channel."""
+    return layout.prior_dir(kind) / "contact_sheets" / f"channels_{channels[0]:05d}-{channels[-1]:05d}.png"
+
+
+def prior_done_dir(layout: ExperimentLayout, kind: Kind) -> Path:
+    """Per-channel completion markers (`channel_NNNNN.json`), written after the channel's data."""
+    return layout.prior_dir(kind) / "done"
+
+
+def create_prior_store(
+    path: Path,
+    *,
+    channels: np.ndarray,
+    seeds: np.ndarray,
+    timesteps: np.ndarray,
+    strength: np.ndarray,
+    steered: np.ndarray,
+    latent_shape: tuple[int, int, int],
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    """Lay out `prior/<kind>/priors.zarr`: `latent` NaN until shards write it, chunked 1 along channel."""
+    n, n_results = len(channels), len(seeds)
+    group = zarr.open_group(str(path), mode="w", attributes=attrs)
+    _array(
+        group,
+        "latent",
+        (n, n_results, *latent_shape),
+        list(PRIOR_ARRAYS["latent"]),
+        chunks=(1, n_results, *latent_shape),
+        dtype="float32",
+        fill_value=np.nan,
+        attributes={"coordinates": "seed"},
+    )
+    # Written once by prepare (not by shards), so these may share chunks across channels.
+    table = (max(1, min(n, 1024)), len(timesteps))
+    _array(group, "strength", np.asarray(strength, dtype=np.float32), ["channel", "timestep"], chunks=table)
+    _array(group, "steered", np.asarray(steered, dtype=bool), ["channel", "timestep"], chunks=table)
+    _array(group, "seed", np.asarray(seeds, dtype=np.int64), ["result"])
+    _array(group, "channel", np.asarray(channels, dtype=np.int64), ["channel"], chunks=(max(n, 1),))
+    _array(group, "timestep", np.asarray(timesteps, dtype=np.int64), ["timestep"])
+    consolidate(path)
+    return group
+
+
+def append_prior_channels(path: Path, channels: np.ndarray, strength: np.ndarray, steered: np.ndarray) -> None:
+    """Grow the store by rows for `channels` (latent NaN until written); rewrites the channel coordinate."""
+    group = open_store(path, mode="r+")
+    old = group["channel"][:]
+    n, added = len(old), len(channels)
+    for name in ("latent", "strength", "steered"):
+        group[name].resize((n + added, *group[name].shape[1:]))
+    group["strength"][n:] = np.asarray(strength, dtype=np.float32)
+    group["steered"][n:] = np.asarray(steered, dtype=bool)
+    ids = np.concatenate([old, np.asarray(channels, dtype=np.int64)])
+    del group["channel"]
+    _array(group, "channel", ids, ["channel"], chunks=(len(ids),))
+    consolidate(path)
+
+
+def write_prior_latents(group: zarr.Group, row: int, latents: np.ndarray) -> None:
+    """One channel's latents [result, latent_channel, y, x]: exactly one chunk."""
+    group["latent"][row] = latents.astype(np.float32, copy=False)
+
+
+def mark_prior_channel_done(folder: Path, channel: int, info: dict[str, Any]) -> None:
+    """Atomically record that a channel's latents and images are written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"channel_{channel:05d}.json"
+    tmp = final.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    tmp.replace(final)
+
+
+def prior_done_channels(folder: Path) -> set[int]:
+    if not folder.is_dir():
+        return set()
+    return {int(p.stem.split("_")[1]) for p in folder.glob("channel_*.json")}

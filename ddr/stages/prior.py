@@ -1,0 +1,591 @@
+"""Priors: what the model paints from the empty prompt when one channel (or SAE feature) is pushed.
+
+For each selected channel a steering schedule says which UNet calls of the sampling loop are
+steered and by how much (`build_schedule`):
+
+- `timesteps=active_timesteps`: the calls whose timestep value t has `active[channel, t]`;
+  `all_timesteps`: every call; `activity_peaks`: for each of the channel's peaks, the calls
+  whose timestep value is nearest to it (every call at the minimal distance, so a repeated
+  value such as PNDM's second visit is steered on both calls).
+- strength at a steered call = `max_activation[channel, call] * steer_strength_scale`, 0
+  elsewhere. Strengths are per UNet call. When the prior runs at the step count the analysis
+  was captured at, call i takes the analysis's call i. At another step count the calls differ;
+  then each call takes `max_activation` averaged over the analysis calls that share a timestep
+  value and linearly interpolated by timestep value (np.interp, clamped at the ends), and the
+  store's `strength_mapping` attribute says so. `active` is looked up by value in either case.
+
+A steered sample adds `strength[call] * direction` at every spatial position of the target
+layer's output: a one-hot vector for a raw channel, the feature's decoder row
+(`sae.decoder_directions[feature]`) for an SAE feature. Generation uses the empty prompt,
+guidance 1.0 and the experiment's step count and image size; each sample draws its initial
+latent from its own seeded CPU generator, so one pipeline call can hold several channels x
+seeds, each sample steering its own channel, and a sample's result does not depend on its
+batch-mates (up to float rounding of batched matmuls).
+
+Stage API: `plan_prior` (channel shards; inactive channels are skipped and logged),
+`prepare_prior_store` (lays out `prior/<kind>/priors.zarr`, rows for every scheduled channel,
+`strength`/`steered` written up front), `prior_shard` (generates a shard's missing channels,
+writes their latents and PNGs, marks each channel done, returns a contact sheet path),
+`run_prior` (all of it in-process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from PIL import Image, ImageDraw
+
+from ddr import stores
+from ddr.config import ConfigError, ExperimentConfig, PriorConfig
+from ddr.hooks import SteeringHook, TimestepTracker, hooked
+from ddr.models.pipeline import load_experiment_sae, load_pipeline
+from ddr.stages.capture import _sae_width, _scheduler_timesteps, generate, layer_width
+from ddr.stores import Kind
+
+log = logging.getLogger(__name__)
+KINDS: tuple[Kind, ...] = ("raw", "sae")
+PROMPT = ""
+GUIDANCE_SCALE = 1.0
+DECODE_BATCH = 8
+STRENGTH_MAPPINGS = {
+    "per_call": "the analysis was captured at these UNet calls: call i takes max_activation[:, i]",
+    "interpolated": (
+        "the analysis was captured at another step count: max_activation averaged over calls sharing a "
+        "timestep value, linearly interpolated by timestep value onto these calls (clamped at the ends)"
+    ),
+}
+
+
+class PriorStoreMismatch(RuntimeError):
+    """An existing prior store was made with other settings; nothing is overwritten unless asked."""
+
+
+@dataclass
+class PriorSchedule:
+    """Which UNet calls each scheduled channel steers, and by how much."""
+
+    kind: Kind
+    channels: np.ndarray  # [n] int64: selected channels that are steered somewhere, ascending
+    timesteps: np.ndarray  # [calls] int64: the prior's UNet calls (scheduler at num_inference_steps)
+    strength: np.ndarray  # [n, calls] float32, 0 where not steered
+    steered: np.ndarray  # [n, calls] bool
+    skipped: dict[int, str] = field(default_factory=dict)  # selected channel -> why it is not generated
+    n_channels: int = 0  # channels in the analysis store
+    strength_mapping: str = "per_call"
+    analysis_store: Path = Path()
+    analysis_calls: int = 0
+
+
+# --- schedule ----------------------------------------------------------------------------------
+
+
+def _check_kind(config: ExperimentConfig, kind: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"kind: {kind!r} is not a kind of activation; allowed: {', '.join(KINDS)}")
+    if kind == "sae" and not (config.use_sae and config.sae is not None):
+        raise ConfigError("kind 'sae' needs an SAE: set use_sae=true and sae=<name>")
+
+
+def prior_settings(config: ExperimentConfig, kind: Kind) -> PriorConfig:
+    """The prior settings for this kind (the `sae` block applied for SAE features)."""
+    _check_kind(config, kind)
+    return config.stages.prior.for_kind(kind)  # type: ignore[return-value]
+
+
+def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:
+    """`timestep_analysis_results_dir` (relative to the experiment folder, or absolute) or this experiment's."""
+    folder = prior_settings(config, kind).timestep_analysis_results_dir
+    if folder is None:
+        return stores.ExperimentLayout(config.experiment_dir).analysis_store(kind)
+    folder = folder if folder.is_absolute() else config.experiment_dir / folder
+    return folder if folder.suffix == ".zarr" else folder / f"{kind}.zarr"
+
+
+def open_analysis(config: ExperimentConfig, kind: Kind) -> xr.Dataset:
+    path = analysis_store_path(config, kind)
+    if not path.exists():
+        raise FileNotFoundError(f"analysis store {path} does not exist; run the timestep_analysis stage first")
+    return xr.open_zarr(path, chunks=None)
+
+
+def select_channels(selection: PriorConfig, channel_ids: np.ndarray, kind: Kind, where: str) -> np.ndarray:
+    """The selected channel ids (ascending): `channels`, or [start_channel, end_channel) of the analysis's ids."""
+    ids = np.asarray(channel_ids, dtype=np.int64)
+    n = len(ids)
+    allowed = f"allowed: {ids.min()}..{ids.max()} ({n} {kind} channels in {where})" if n else f"{where} has no channels"
+    if selection.channels is not None:
+        if selection.start_channel is not None or selection.end_channel is not None:
+            raise ConfigError(
+                "stages.prior: set either channels or start_channel/end_channel, not both "
+                f"(got channels={selection.channels}, start_channel={selection.start_channel}, "
+                f"end_channel={selection.end_channel})"
+            )
+        chosen = np.unique(np.asarray(selection.channels, dtype=np.int64))
+        outside = [int(c) for c in chosen if c not in set(ids.tolist())]
+        if outside:
+            raise ConfigError(f"stages.prior.channels: {outside} out of range; {allowed}")
+        return chosen
+    start = 0 if selection.start_channel is None else selection.start_channel
+    end = n if selection.end_channel is None else selection.end_channel
+    if start >= n:
+        raise ConfigError(f"stages.prior.start_channel: {start} is out of range; {allowed}")
+    if end > n:
+        raise ConfigError(f"stages.prior.end_channel: {end} is out of range (exclusive end, at most {n}); {allowed}")
+    return np.sort(ids[start:end])
+
+
+def call_strengths(
+    max_activation: np.ndarray, analysis_timesteps: np.ndarray, timesteps: np.ndarray
+) -> tuple[np.ndarray, str]:
+    """max_activation [n, analysis calls] -> [n, calls] of the prior's calls, and the mapping used."""
+    analysis_timesteps = np.asarray(analysis_timesteps, dtype=np.int64)
+    timesteps = np.asarray(timesteps, dtype=np.int64)
+    if np.array_equal(analysis_timesteps, timesteps):
+        return max_activation.astype(np.float64), "per_call"
+    values, inverse = np.unique(analysis_timesteps, return_inverse=True)  # ascending
+    mean = np.zeros((len(analysis_timesteps), len(values)))
+    mean[np.arange(len(analysis_timesteps)), inverse] = 1.0
+    mean /= mean.sum(axis=0, keepdims=True)
+    interp = np.zeros((len(values), len(timesteps)))
+    for j, v in enumerate(timesteps):
+        if v <= values[0]:
+            interp[0, j] = 1.0
+        elif v >= values[-1]:
+            interp[-1, j] = 1.0
+        else:
+            i = int(np.searchsorted(values, v, side="right")) - 1
+            frac = (v - values[i]) / (values[i + 1] - values[i])
+            interp[i, j], interp[i + 1, j] = 1.0 - frac, frac
+    return max_activation.astype(np.float64) @ mean @ interp, "interpolated"
+
+
+def steered_calls(
+    mode: str, active: np.ndarray, t_values: np.ndarray, peak_t: np.ndarray | None, timesteps: np.ndarray
+) -> np.ndarray:
+    """[n, calls] bool: which of the prior's UNet calls each channel steers (see the module docstring)."""
+    n, calls = active.shape[0], len(timesteps)
+    if mode == "all_timesteps":
+        return np.ones((n, calls), dtype=bool)
+    if mode == "active_timesteps":
+        pos = np.searchsorted(t_values, timesteps)
+        on_grid = (pos < len(t_values)) & (t_values[np.minimum(pos, len(t_values) - 1)] == timesteps)
+        steered = np.zeros((n, calls), dtype=bool)
+        steered[:, on_grid] = active[:, pos[on_grid]]
+        return steered
+    if mode == "activity_peaks":
+        if peak_t is None:
+            raise ValueError("timesteps=activity_peaks needs the analysis store's peak_t array")
+        steered = np.zeros((n, calls), dtype=bool)
+        for row in range(n):
+            for peak in peak_t[row]:
+                if peak < 0:
+                    continue
+                distance = np.abs(timesteps - peak)
+                steered[row] |= distance == distance.min()
+        return steered
+    raise ValueError(f"unknown timesteps mode {mode!r}")
+
+
+def build_schedule(config: ExperimentConfig, kind: Kind) -> PriorSchedule:
+    """The steering schedule of every selected channel, from the analysis store; reads no weights."""
+    settings = prior_settings(config, kind)
+    path = analysis_store_path(config, kind)
+    with open_analysis(config, kind) as ds:
+        ids = ds["channel"].values.astype(np.int64)
+        chosen = select_channels(settings, ids, kind, str(path))
+        rows = (
+            np.searchsorted(ids, chosen) if np.all(np.diff(ids) > 0) else np.array([list(ids).index(c) for c in chosen])
+        )
+        analysis_ts = ds["timestep"].values.astype(np.int64)
+        t_values = ds["t"].values.astype(np.int64)
+        active = ds["active"].values[rows].astype(bool)
+        max_act = ds["max_activation"].values[rows].astype(np.float64)
+        peak_t = ds["peak_t"].values[rows] if "peak_t" in ds else None
+    timesteps = _scheduler_timesteps(config)
+    if len(analysis_ts) != max_act.shape[1]:
+        raise ValueError(f"{path}: max_activation has {max_act.shape[1]} calls but timestep has {len(analysis_ts)}")
+    strength_per_call, mapping = call_strengths(max_act, analysis_ts, timesteps)
+    if mapping == "interpolated":
+        log.warning(
+            "prior %s: the analysis has %d UNet calls (timesteps %s) but num_inference_steps=%d makes %d calls "
+            "(timesteps %s); strengths are interpolated by timestep value",
+            kind,
+            len(analysis_ts),
+            analysis_ts.tolist(),
+            config.num_inference_steps,
+            len(timesteps),
+            timesteps.tolist(),
+        )
+    steered = steered_calls(settings.timesteps, active, t_values, peak_t, timesteps)
+    skipped: dict[int, str] = {}
+    keep = np.ones(len(chosen), dtype=bool)
+    for i, channel in enumerate(chosen.tolist()):
+        if not active[i].any():
+            skipped[channel] = "inactive: no active timesteps"
+        elif not steered[i].any():
+            why = "no activity peaks" if settings.timesteps == "activity_peaks" else "active only between UNet calls"
+            skipped[channel] = f"{why} at num_inference_steps={config.num_inference_steps}"
+        else:
+            bad = steered[i] & ~np.isfinite(strength_per_call[i])
+            if bad.any():
+                raise ValueError(
+                    f"{path}: max_activation of {kind} channel {channel} is not finite at steered calls "
+                    f"{np.flatnonzero(bad).tolist()}; rerun the timestep_analysis stage"
+                )
+            continue
+        keep[i] = False
+    strength = np.where(steered, np.nan_to_num(strength_per_call) * settings.steer_strength_scale, 0.0)
+    return PriorSchedule(
+        kind=kind,
+        channels=chosen[keep],
+        timesteps=timesteps,
+        strength=strength[keep].astype(np.float32),
+        steered=steered[keep],
+        skipped=skipped,
+        n_channels=len(ids),
+        strength_mapping=mapping,
+        analysis_store=path,
+        analysis_calls=len(analysis_ts),
+    )
+
+
+def _log_skipped(schedule: PriorSchedule) -> None:
+    if schedule.skipped:
+        log.warning(
+            "prior %s: %d selected channels skipped: %s",
+            schedule.kind,
+            len(schedule.skipped),
+            ", ".join(f"{c} ({why})" for c, why in schedule.skipped.items()),
+        )
+
+
+def plan_prior(config: ExperimentConfig, kind: Kind) -> list[list[int]]:
+    """Shards of `channels_per_shard` scheduled channels; skipped (inactive) channels are logged, not errors."""
+    schedule = build_schedule(config, kind)
+    _log_skipped(schedule)
+    per_shard = prior_settings(config, kind).channels_per_shard
+    ids = schedule.channels.tolist()
+    return [ids[i : i + per_shard] for i in range(0, len(ids), per_shard)]
+
+
+# --- store --------------------------------------------------------------------------------------
+
+
+def _direction_width(config: ExperimentConfig, kind: Kind) -> int:
+    return layer_width(config) if kind == "raw" else int(_sae_width(config) or 0)
+
+
+def _latent_shape(config: ExperimentConfig) -> tuple[int, int, int]:
+    from ddr.models.pipeline import model_dir
+    from ddr.provision import asset_dir
+
+    folder = model_dir(config)
+    if not (folder / "vae").is_dir() and config.model.base_model:
+        folder = asset_dir(config, "models", config.model.base_model)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    unet = json.loads((model_dir(config) / "unet" / "config.json").read_text())
+    side = config.resolved_image_size // 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(unet["in_channels"]), side, side
+
+
+def _params(config: ExperimentConfig, kind: Kind, schedule: PriorSchedule) -> dict[str, Any]:
+    """Everything (but the channel selection) that decides a row's contents; a store is reused when these match."""
+    settings = prior_settings(config, kind)
+    return {
+        "kind": kind,
+        "model": config.model.model_dump(mode="json"),
+        "target_layer_name": config.target_layer_name,
+        "sae": config.sae.model_dump(mode="json") if kind == "sae" and config.sae else None,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": GUIDANCE_SCALE,
+        "prompt": PROMPT,
+        "image_size": config.resolved_image_size,
+        "timesteps": settings.timesteps,
+        "steer_strength_scale": settings.steer_strength_scale,
+        "seeds": settings.seeds[: settings.n_results],
+        "unet_timesteps": schedule.timesteps.tolist(),
+    }
+
+
+def prepare_prior_store(config: ExperimentConfig, kind: Kind, *, overwrite: bool = False) -> Path:
+    """Create `prior/<kind>/priors.zarr` with rows for every scheduled channel, or reuse a matching one.
+
+    A store made with the same parameters is reused (a rerun resumes); channels the selection adds
+    are appended as new rows. A store made with other parameters, or whose rows' schedules differ
+    (the analysis changed), is refused unless `overwrite`, which deletes it with its images.
+    """
+    layout = stores.ExperimentLayout(config.experiment_dir)
+    path = layout.prior_store(kind)
+    schedule = build_schedule(config, kind)
+    _log_skipped(schedule)
+    params = _params(config, kind, schedule)
+    if path.exists():
+        problem = _reuse_problem(path, params, schedule)
+        if problem is None:
+            _append_new_rows(path, schedule)
+            group = stores.open_store(path, mode="r+")
+            skipped = {**json.loads(group.attrs.get("skipped_channels", "{}"))}
+            skipped.update({str(c): why for c, why in schedule.skipped.items()})
+            group.attrs["skipped_channels"] = json.dumps(skipped)
+            stores.consolidate(path)
+            return path
+        if not overwrite:
+            raise PriorStoreMismatch(
+                f"{path} was made with other settings ({problem}); use another experiment_name, delete "
+                f"{layout.prior_dir(kind)}, or prepare_prior_store(..., overwrite=True) to replace it"
+            )
+        shutil.rmtree(layout.prior_dir(kind))
+    width = _direction_width(config, kind)
+    if width != schedule.n_channels:
+        raise ValueError(
+            f"{schedule.analysis_store} has {schedule.n_channels} {kind} channels but the "
+            f"{'layer ' + config.target_layer_name if kind == 'raw' else 'SAE'} has {width}; "
+            "the analysis was made for another layer or SAE"
+        )
+    layout.prior_dir(kind).mkdir(parents=True, exist_ok=True)
+    settings = prior_settings(config, kind)
+    stores.create_prior_store(
+        path,
+        channels=schedule.channels,
+        seeds=np.asarray(settings.seeds[: settings.n_results], dtype=np.int64),
+        timesteps=schedule.timesteps,
+        strength=schedule.strength,
+        steered=schedule.steered,
+        latent_shape=_latent_shape(config),
+        attrs={
+            **{k: v for k, v in params.items() if k not in ("model", "sae", "unet_timesteps")},
+            "model": config.model.name,
+            "sae": config.sae.name if kind == "sae" and config.sae else None,
+            "sae_hookpoint": config.sae.hookpoint if kind == "sae" and config.sae else None,
+            "direction": "SAE decoder row (sae.decoder_directions[feature])" if kind == "sae" else "one-hot channel",
+            "direction_width": width,
+            "strength_mapping": schedule.strength_mapping,
+            "strength_mapping_rule": STRENGTH_MAPPINGS[schedule.strength_mapping],
+            "analysis_store": str(schedule.analysis_store),
+            "analysis_calls": schedule.analysis_calls,
+            "skipped_channels": json.dumps({str(c): why for c, why in schedule.skipped.items()}),
+            "params": json.dumps(params, sort_keys=True),
+            "prior_config": json.dumps(settings.model_dump(mode="json"), sort_keys=True),
+            "config": json.dumps(config.model_dump(mode="json"), default=str),
+        },
+    )
+    return path
+
+
+def _reuse_problem(path: Path, params: dict[str, Any], schedule: PriorSchedule) -> str | None:
+    """Why the existing store cannot hold this schedule (None: it can)."""
+    try:
+        group = stores.open_store(path)
+        existing = json.loads(group.attrs["params"])
+    except (KeyError, FileNotFoundError, ValueError):
+        return "unreadable or incomplete store"
+    differing = sorted(k for k in params if existing.get(k) != params[k])
+    if differing:
+        return "differing: " + ", ".join(differing)
+    ids = group["channel"][:].tolist()
+    row_of = {c: i for i, c in enumerate(ids)}
+    shared = [(i, row_of[c]) for i, c in enumerate(schedule.channels.tolist()) if c in row_of]
+    if shared:
+        mine, theirs = (list(x) for x in zip(*shared, strict=True))
+        same = np.array_equal(group["strength"][:][theirs], schedule.strength[mine]) and np.array_equal(
+            group["steered"][:][theirs], schedule.steered[mine]
+        )
+        if not same:
+            return "the steering schedule of channels already in the store differs (the analysis changed)"
+    return None
+
+
+def _append_new_rows(path: Path, schedule: PriorSchedule) -> None:
+    group = stores.open_store(path)
+    present = set(group["channel"][:].tolist())
+    new = [i for i, c in enumerate(schedule.channels.tolist()) if c not in present]
+    if new:
+        log.info("prior %s: adding %d channels to %s", schedule.kind, len(new), path)
+        stores.append_prior_channels(path, schedule.channels[new], schedule.strength[new], schedule.steered[new])
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+def steering_directions(
+    config: ExperimentConfig, kind: Kind, channels: Sequence[int], device: torch.device, width: int | None = None
+) -> torch.Tensor:
+    """[len(channels), width] float32: one-hot rows for raw channels, decoder rows for SAE features.
+
+    `width` is the layer's channel count for raw channels (default: from the model config).
+    """
+    if kind == "sae":
+        sae = load_experiment_sae(config)
+        if sae is None:
+            raise ConfigError("kind 'sae' needs an SAE: set use_sae=true and sae=<name>")
+        rows = sae.decoder_directions
+        if max(channels) >= rows.shape[0]:
+            raise ValueError(f"SAE feature {max(channels)} is out of range; the SAE has {rows.shape[0]} features")
+        return rows.detach()[torch.as_tensor(list(channels), device=rows.device)].float().to(device)
+    width = layer_width(config) if width is None else width
+    if max(channels) >= width:
+        raise ValueError(f"channel {max(channels)} is out of range; {config.target_layer_name} has {width} channels")
+    directions = torch.zeros(len(channels), width, device=device)
+    directions[torch.arange(len(channels)), torch.as_tensor(list(channels))] = 1.0
+    return directions
+
+
+def steered_latents(
+    pipe: Any,
+    config: ExperimentConfig,
+    directions: torch.Tensor,
+    strengths: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    hooks_before: Sequence[Callable[..., Any]] = (),
+    hooks_after: Sequence[Callable[..., Any]] = (),
+    tracker: TimestepTracker | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """One pipeline call from the empty prompt at guidance 1.0, sample i steered by `strengths[i] * directions[i]`.
+
+    `directions` [B, width], `strengths` [B, calls], `seeds` [B]. Extra layer hooks run before and
+    after the steering hook (tests read the layer output there; pass the `tracker` they use).
+    Returns the final latents
+    [B, 4, h, w] (float32, CPU) and the timestep of every UNet call.
+    """
+    if not len(seeds) == directions.shape[0] == strengths.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds, {directions.shape[0]} directions, {strengths.shape[0]} strength rows")
+    tracker = tracker or TimestepTracker()
+    steer = SteeringHook(tracker, directions.to(pipe.device), strengths.to(pipe.device, torch.float32))
+    unsteered = config.model_copy(update={"guidance_scale": GUIDANCE_SCALE})
+    with hooked(pipe.unet, config.target_layer_name, tracker, *hooks_before, steer, *hooks_after):
+        latents = generate(pipe, [PROMPT] * len(seeds), list(seeds), unsteered, output_type="latent").images
+    return latents.float().cpu(), list(tracker.timesteps)
+
+
+@torch.no_grad()
+def decode_images(pipe: Any, latents: torch.Tensor, batch: int = DECODE_BATCH) -> list[Image.Image]:
+    """Final latents -> PIL images with the pipeline's VAE, `batch` at a time."""
+    vae = pipe.vae
+    images: list[Image.Image] = []
+    for start in range(0, latents.shape[0], batch):
+        chunk = latents[start : start + batch].to(pipe.device, vae.dtype) / vae.config.scaling_factor
+        decoded = vae.decode(chunk, return_dict=False)[0]
+        images.extend(pipe.image_processor.postprocess(decoded, output_type="pil"))
+    return images
+
+
+def contact_sheet(
+    layout: stores.ExperimentLayout, kind: Kind, channels: list[int], n_results: int, thumb: int = 128
+) -> Path:
+    """A grid of the shard's prior images (a row per channel, a column per seed), labelled by channel."""
+    label = 72
+    sheet = Image.new("RGB", (label + n_results * thumb, len(channels) * thumb), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, channel in enumerate(channels):
+        draw.text((4, r * thumb + thumb // 2 - 6), f"{kind} {channel}", fill="black")
+        for k in range(n_results):
+            png = stores.prior_image_path(layout, kind, channel, k)
+            if png.is_file():
+                with Image.open(png) as image:
+                    sheet.paste(image.convert("RGB").resize((thumb, thumb)), (label + k * thumb, r * thumb))
+    path = stores.prior_contact_sheet_path(layout, kind, channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def prior_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> dict[str, Any]:
+    """Generate the priors of `channels` not yet done: latents into the store, PNGs, a contact sheet.
+
+    Channels are batched `channels_per_batch` at a time (x `n_results` seeds per pipeline call);
+    each channel is marked done after its latents and images are written, so a rerun after an
+    interruption generates only the missing ones.
+    """
+    settings = prior_settings(config, kind)
+    layout = stores.ExperimentLayout(config.experiment_dir)
+    path = layout.prior_store(kind)
+    group = stores.open_store(path, mode="r+")
+    ids = group["channel"][:].tolist()
+    row_of = {c: i for i, c in enumerate(ids)}
+    unknown = [c for c in channels if c not in row_of]
+    if unknown:
+        raise ValueError(
+            f"{kind} channels {unknown} have no row in {path} (skipped or not selected); run prepare_prior_store"
+        )
+    for key, value in (("num_inference_steps", config.num_inference_steps), ("image_size", config.resolved_image_size)):
+        if group.attrs[key] != value:
+            raise PriorStoreMismatch(f"{path} was prepared with {key}={group.attrs[key]}, this config has {value}")
+    done_dir = stores.prior_done_dir(layout, kind)
+    done = stores.prior_done_channels(done_dir)
+    todo = [c for c in channels if c not in done]
+    seeds = group["seed"][:].tolist()
+    timesteps = group["timestep"][:].tolist()
+    started = time.perf_counter()
+    calls = 0
+    if todo:
+        pipe = load_pipeline(config)
+        strength_table = group["strength"][:]
+        width = int(group.attrs["direction_width"])
+        stores.prior_images_dir(layout, kind).mkdir(parents=True, exist_ok=True)
+        per_batch = settings.channels_per_batch
+        batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
+        n_res = len(seeds)
+        for b, batch in enumerate(batches):
+            rows = [row_of[c] for c in batch]
+            directions = steering_directions(config, kind, batch, pipe.device, width).repeat_interleave(n_res, dim=0)
+            strengths = torch.from_numpy(strength_table[rows]).repeat_interleave(n_res, dim=0)
+            latents, seen = steered_latents(pipe, config, directions, strengths, seeds * len(batch))
+            calls += 1
+            if seen != timesteps:
+                raise RuntimeError(f"prior {kind}: the UNet visited timesteps {seen}, the store expects {timesteps}")
+            images = decode_images(pipe, latents)
+            per_channel = latents.numpy().reshape(len(batch), n_res, *latents.shape[1:])
+            for j, channel in enumerate(batch):
+                stores.write_prior_latents(group, rows[j], per_channel[j])
+                for k in range(n_res):
+                    images[j * n_res + k].save(stores.prior_image_path(layout, kind, channel, k))
+                stores.mark_prior_channel_done(done_dir, channel, {"channel": channel, "row": rows[j], "seeds": seeds})
+            if (b + 1) % settings.log_every_n_steps == 0 or b + 1 == len(batches):
+                elapsed = time.perf_counter() - started
+                n_done = sum(len(x) for x in batches[: b + 1])
+                log.info(
+                    "prior %s: %d/%d channels, %.2f channels/min, ETA %.0fs",
+                    kind,
+                    n_done,
+                    len(todo),
+                    60 * n_done / elapsed,
+                    (len(todo) - n_done) * elapsed / n_done,
+                )
+    sheet = stores.prior_contact_sheet_path(layout, kind, channels)
+    if todo or not sheet.is_file():
+        sheet = contact_sheet(layout, kind, channels, len(seeds))
+    return {
+        "kind": kind,
+        "channels": list(channels),
+        "generated": todo,
+        "skipped": not todo,
+        "pipeline_calls": calls,
+        "seconds": time.perf_counter() - started,
+        "contact_sheet": str(sheet),
+    }
+
+
+def run_prior(config: ExperimentConfig, kind: Kind) -> dict[str, Any]:
+    """The whole stage in this process: plan, prepare, every shard (completed channels are skipped)."""
+    shards = plan_prior(config, kind)
+    path = prepare_prior_store(config, kind)
+    results = [prior_shard(config, kind, shard) for shard in shards]
+    schedule_skipped = json.loads(stores.open_store(path).attrs["skipped_channels"])
+    return {
+        "store": str(path),
+        "shards": results,
+        "generated": sum(len(r["generated"]) for r in results),
+        "skipped_channels": {int(c): why for c, why in schedule_skipped.items()},
+        "contact_sheets": [r["contact_sheet"] for r in results],
+    }
