@@ -257,7 +257,7 @@ class InfrastructureConfig(Strict):
     adapt_maximum: int = Field(4, ge=1)
     overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="dotted defaults for this infrastructure (e.g. stages.capture.batch_size), applied before the CLI's",
+        description="dotted defaults for this infrastructure, applied before the command line's",
     )
 
 
@@ -292,14 +292,14 @@ class ExperimentConfig(Strict):
     def _sae_present(self) -> ExperimentConfig:
         if self.use_sae and self.sae is None:
             raise ValueError("use_sae is true but no sae is configured (set sae=<name> or use_sae=false)")
+        size = self.image_size or self.model.image_size
+        if size % 8:
+            raise ValueError(f"image_size {size} is not a multiple of 8 (the VAE's downsampling factor)")
         return self
 
     @property
     def resolved_image_size(self) -> int:
-        size = self.image_size or self.model.image_size
-        if size % 8:
-            raise ConfigError(f"image_size: {size} is not a multiple of 8 (the VAE's downsampling factor)")
-        return size
+        return self.image_size or self.model.image_size
 
     @property
     def kinds(self) -> list[Literal["raw", "sae"]]:
@@ -358,7 +358,9 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 

@@ -90,7 +90,9 @@ def stage_run(
     run_tags = {"ddr.stage": stage, "ddr.experiment": config.experiment_name, **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, nested=bool(parent_run_id)) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=stage, tags=run_tags, nested=bool(parent_run_id)
+    ) as run:
         items = list({**safe_params(config), **{k: str(v) for k, v in (params or {}).items()}}.items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start : start + 100]))

@@ -63,9 +63,7 @@ def _text_encoder(hidden: int, layers: int, heads: int, intermediate: int, vocab
     return CLIPTextModel(config)
 
 
-def _save_pipeline(
-    folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel
-) -> Path:
+def _save_pipeline(folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Path:
     tokenizer = make_tokenizer(folder / "_tokenizer_src")
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),

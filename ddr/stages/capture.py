@@ -93,7 +93,11 @@ def layer_width(config: ExperimentConfig) -> int:
     folder = model_dir(config)
     unet_dir = folder / "unet"
     unet_config = json.loads((unet_dir / "config.json").read_text())
-    vae_dir = folder / "vae" if (folder / "vae").is_dir() else asset_dir(config, "models", str(config.model.base_model)) / "vae"
+    vae_dir = (
+        folder / "vae"
+        if (folder / "vae").is_dir()
+        else asset_dir(config, "models", str(config.model.base_model)) / "vae"
+    )
     vae_config = json.loads((vae_dir / "config.json").read_text())
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return layer_output_shape(unet_config, config.target_layer_name, config.resolved_image_size // factor)[0]
@@ -241,9 +245,7 @@ def capture_batch(
 ) -> tuple[list[Any], np.ndarray, np.ndarray | None, list[int]]:
     """Generate one batch with the capture hook: images, raw [B, calls, C], sae [B, calls, F], timesteps seen."""
     tracker = TimestepTracker()
-    hook = CaptureHook(
-        tracker, n_calls, cfg=config.guidance_scale > 1.0, branch=config.stages.capture.branch, sae=sae
-    )
+    hook = CaptureHook(tracker, n_calls, cfg=config.guidance_scale > 1.0, branch=config.stages.capture.branch, sae=sae)
     with hooked(pipe.unet, config.target_layer_name, tracker, hook):
         images = generate(pipe, prompts, seeds, config).images
     raw, features = hook.result()
@@ -283,7 +285,11 @@ def capture_shard(config: ExperimentConfig, shard: Shard) -> dict[str, Any]:
             done = batch.stop
             log.info(
                 "capture shard %d: %d/%d samples, %.2f samples/s, ETA %.0fs",
-                shard.index, done, n, done / elapsed, (n - done) * elapsed / done,
+                shard.index,
+                done,
+                n,
+                done / elapsed,
+                (n - done) * elapsed / done,
             )
     stores.write_capture_rows(group, shard.start, np.concatenate(raws), np.concatenate(codes) if codes else None)
     seconds = time.perf_counter() - started
