@@ -18,6 +18,7 @@ Methods:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -35,8 +36,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> float:
+    """Start peak-RSS tracking here; returns the current RSS (MB).
+
+    ru_maxrss survives exec, so a child of a large process (pytest, or this script after building
+    a store) would report its parent's peak; Linux's per-process VmHWM does not, and writing 5 to
+    /proc/self/clear_refs resets it to the current RSS. Elsewhere, fall back to ru_maxrss.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    current = _status_mb("VmRSS")
+    return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss() -> float:
+    """Peak RSS (MB) since reset_peak_rss (VmHWM), or the process's ru_maxrss where /proc is absent."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_store(folder: Path, gb: float, calls: int, channels: int, capture_chunk: int, seed: int = 0) -> int:
@@ -128,7 +154,7 @@ def worker(args: argparse.Namespace) -> None:
     block = channels if args.worker != "blocks" else max(1, math.ceil(channels / args.blocks))
     config = _config(folder, args.worker, args, block)
     shutil.rmtree(config.experiment_dir, ignore_errors=True)
-    base = _rss_mb()
+    base = reset_peak_rss()
     started = time.perf_counter()
     if args.worker == "streamed":
         analysis.run_analysis(config, "raw")
@@ -139,7 +165,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         result = in_memory(config)
     wall = time.perf_counter() - started
-    peak = _rss_mb()
+    peak = peak_rss()
     if args.worker == "in-memory" and args.check:
         streamed = stores.open_store(analysis.analysis_store_path(_config(folder, "streamed", args, channels), "raw"))
         exact = ("top_sample", "peak_t", "topk_frequency", "max_activation")

@@ -373,3 +373,132 @@ def prior_done_channels(folder: Path) -> set[int]:
     if not folder.is_dir():
         return set()
     return {int(p.stem.split("_")[1]) for p in folder.glob("channel_*.json")}
+
+
+# --- deep dream -------------------------------------------------------------------------------
+
+# name -> (dims, dtype, fill) of the per-target arrays of `dream/<run>/<kind>/dreams.zarr` (DESIGN.md),
+# written by shards; chunked 1 along target so concurrent shards never share a chunk.
+DREAM_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any]] = {
+    "latent": (("target", "result", "latent_channel", "y", "x"), "float32", np.nan),
+    "activation": (("target", "result"), "float32", np.nan),
+    "normalized_activation": (("target", "result"), "float32", np.nan),
+    "selectivity": (("target", "result"), "float32", np.nan),
+    "failed_step": (("target", "result"), "int64", -1),
+    "history_activation": (("target", "result", "step"), "float32", np.nan),
+}
+DREAM_COORDS = "target_channel target_t"
+
+
+def dream_images_dir(layout: ExperimentLayout, run: str, kind: Kind) -> Path:
+    return layout.dream_dir(run, kind) / "images"
+
+
+def dream_image_path(layout: ExperimentLayout, run: str, kind: Kind, channel: int, t: int, result: int) -> Path:
+    return dream_images_dir(layout, run, kind) / f"channel_{channel:05d}_t_{t:04d}_result_{result}.png"
+
+
+def dream_snapshot_path(
+    layout: ExperimentLayout, run: str, kind: Kind, channel: int, t: int, result: int, step: int
+) -> Path:
+    """An intermediate result (the latent at the start of `step`), decoded."""
+    name = f"channel_{channel:05d}_t_{t:04d}_result_{result}_step_{step:04d}.png"
+    return dream_images_dir(layout, run, kind) / "snapshots" / name
+
+
+def dream_contact_sheet_path(layout: ExperimentLayout, run: str, kind: Kind, channels: list[int]) -> Path:
+    return layout.dream_dir(run, kind) / "contact_sheets" / f"channels_{channels[0]:05d}-{channels[-1]:05d}.png"
+
+
+def dream_done_dir(layout: ExperimentLayout, run: str, kind: Kind) -> Path:
+    """Completion markers: `target_NNNNNN.json` per target row, `channel_NNNNN.json` once all its targets are."""
+    return layout.dream_dir(run, kind) / "done"
+
+
+def create_dream_store(
+    path: Path,
+    *,
+    target_channel: np.ndarray,
+    target_t: np.ndarray,
+    seeds: np.ndarray,
+    steps: np.ndarray,
+    latent_shape: tuple[int, int, int],
+    penalties: list[str],
+    dataset_max_activation: np.ndarray,
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    """Lay out `dreams.zarr`: one row per target, data arrays at their fill value until shards write them."""
+    n, n_results, n_steps = len(target_channel), len(seeds), len(steps)
+    sizes = {"target": n, "result": n_results, "step": n_steps}
+    sizes |= dict(zip(("latent_channel", "y", "x"), latent_shape, strict=True))
+    group = zarr.open_group(str(path), mode="w", attributes=attrs)
+    arrays = dict(DREAM_ARRAYS)
+    arrays |= {f"penalty_{name}": (("target", "result"), "float32", np.nan) for name in penalties}
+    for name, (dims, dtype, fill) in arrays.items():
+        shape = tuple(sizes[d] for d in dims)
+        _array(
+            group,
+            name,
+            shape,
+            list(dims),
+            chunks=(1, *shape[1:]),
+            dtype=dtype,
+            fill_value=fill,
+            attributes={"coordinates": DREAM_COORDS},
+        )
+    # Written once here (not by shards), so these may share chunks across targets.
+    whole = (max(n, 1),)
+    _array(group, "target_channel", np.asarray(target_channel, dtype=np.int64), ["target"], chunks=whole)
+    _array(group, "target_t", np.asarray(target_t, dtype=np.int64), ["target"], chunks=whole)
+    _array(
+        group,
+        "dataset_max_activation",
+        np.asarray(dataset_max_activation, dtype=np.float32),
+        ["target"],
+        chunks=whole,
+        attributes={"coordinates": DREAM_COORDS},
+    )
+    _array(group, "seed", np.asarray(seeds, dtype=np.int64), ["result"])
+    _array(group, "step", np.asarray(steps, dtype=np.int64), ["step"])
+    consolidate(path)
+    return group
+
+
+def write_dream_rows(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """One region write per array for target rows [start, start + len); every per-target array must be given."""
+    names = [n for n in group.array_keys() if n in DREAM_ARRAYS or n.startswith("penalty_")]
+    missing = set(names) - set(arrays)
+    if missing:
+        raise ValueError(f"write_dream_rows: missing arrays {sorted(missing)}")
+    for name in names:
+        data = arrays[name]
+        group[name][start : start + data.shape[0]] = data.astype(group[name].dtype, copy=False)
+
+
+def _mark(folder: Path, name: str, info: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{name}.json"
+    tmp = final.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    tmp.replace(final)
+
+
+def mark_dream_target_done(folder: Path, row: int, info: dict[str, Any]) -> None:
+    """Atomically record that a target row's arrays and images are written."""
+    _mark(folder, f"target_{row:06d}", info)
+
+
+def mark_dream_channel_done(folder: Path, channel: int, info: dict[str, Any]) -> None:
+    _mark(folder, f"channel_{channel:05d}", info)
+
+
+def dream_done_targets(folder: Path) -> set[int]:
+    if not folder.is_dir():
+        return set()
+    return {int(p.stem.split("_")[1]) for p in folder.glob("target_*.json")}
+
+
+def dream_done_channels(folder: Path) -> set[int]:
+    if not folder.is_dir():
+        return set()
+    return {int(p.stem.split("_")[1]) for p in folder.glob("channel_*.json")}

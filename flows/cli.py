@@ -12,6 +12,17 @@ from typing import Any
 STAGES: dict[str, tuple[str, str, str]] = {
     "provision": ("flows.provision", "provision_flow", "download, copy or generate models, SAEs and prompts"),
     "capture": ("flows.capture", "capture_flow", "generate images and record the layer's activations"),
+    "timestep_analysis": (
+        "flows.analysis",
+        "timestep_analysis_flow",
+        "activity profiles, peaks and ranked dataset examples per channel",
+    ),
+    "plots": ("flows.plots", "plots_flow", "an activity plot per active channel"),
+    "representation": (
+        "flows.representation",
+        "representation_flow",
+        "the per-channel index the inspector reads (profiles, examples, priors, deep dreams)",
+    ),
 }
 DEMO_OVERRIDES = [
     "data_root=./ddr-data",
@@ -27,6 +38,9 @@ def _flow(stage: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+STAGES["pipeline"] = ("flows.pipeline", "pipeline_flow", "every stage in order, in one Prefect run")
+
+
 def run_stage(stage: str, overrides: list[str], config_file: str | None = None) -> Any:
     from ddr.config import load_config
 
@@ -39,13 +53,35 @@ def demo(overrides: list[str]) -> None:
     from ddr.config import load_config
     from ddr.tracking import tracking_uri
 
+    from flows.pipeline import pipeline_flow
+
     overrides = [*DEMO_OVERRIDES, *overrides]
     config = load_config(overrides)
-    results = {stage: run_stage(stage, overrides) for stage in STAGES}
+    results = pipeline_flow(overrides=overrides)
     print("\nddr demo finished.")
     print(f"  experiment folder: {config.experiment_dir.resolve()}")
     print(f"  capture store:     {results['capture']['store']}")
     print(f"  MLflow store:      {tracking_uri(config)}  (mlflow ui --backend-store-uri {tracking_uri(config)})")
+
+
+def inspect(overrides: list[str], host: str, port: int, config_file: str | None = None) -> int:
+    """Start the Streamlit inspector on the experiment's representation (bound to `host`, loopback by default)."""
+    import os
+
+    from ddr.config import load_config
+    from ddr.inspector import inspector_command
+
+    config = load_config(overrides, None if config_file is None else Path(config_file))
+    if not (config.experiment_dir / "representation").is_dir():
+        print(
+            f"ddr: no representation in {config.experiment_dir} yet; the inspector will say what is missing "
+            "(run `ddr run representation` first)",
+            file=sys.stderr,
+        )
+    command = inspector_command(config.experiment_dir, host, port)
+    print(f"ddr inspect: http://{host}:{port}  ({config.experiment_dir.resolve()})", flush=True)
+    os.execv(command[0], command)  # the inspector replaces this process: signals reach Streamlit directly
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = commands.add_parser("demo", help="run every stage on the embedded model into ./ddr-data")
     demo_parser.add_argument("overrides", nargs="*")
     commands.add_parser("stages", help="list the stages")
+    inspect_parser = commands.add_parser("inspect", help="browse the representation in the Streamlit inspector")
+    inspect_parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (data_root, experiment_name)")
+    inspect_parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    inspect_parser.add_argument("--port", type=int, default=8501)
+    inspect_parser.add_argument("--config", help="a base config YAML instead of configs/config.yaml")
     args = parser.parse_args(argv)
 
     from ddr.config import ConfigError
@@ -74,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             print(stage_help)
         elif args.command == "demo":
             demo(args.overrides)
+        elif args.command == "inspect":
+            return inspect(args.overrides, args.host, args.port, args.config)
         else:
             result = run_stage(args.stage, args.overrides, args.config)
             print(json.dumps(result, indent=1, default=str))

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 import zarr
 from scipy.signal import find_peaks
 
@@ -56,6 +55,7 @@ TIE_HANDLING = (
     "peaks: equal heights rank the lower t first"
 )
 _LOW32 = 0xFFFFFFFF
+SLICE_BYTES = 8 * 2**20  # temporaries are built in slices of about this size
 
 
 class CaptureIncomplete(RuntimeError):
@@ -166,69 +166,102 @@ def _atomic_json(path: Path, data: Any) -> None:
 # --- the vectorised kernels -----------------------------------------------------------------------
 
 
+def _rows_per_slice(row_bytes: int) -> int:
+    return max(1, SLICE_BYTES // max(row_bytes, 1))
+
+
 def kth_largest(x: np.ndarray, k: int) -> np.ndarray:
     """[n, calls, C] -> [n, calls]: the k-th largest value across channels (the smallest when k >= C)."""
-    k = min(k, x.shape[-1])
-    with torch.no_grad():
-        return torch.topk(torch.from_numpy(x), k, dim=-1, sorted=False).values.amin(-1).numpy()
+    width = x.shape[-1]
+    k = min(k, width)
+    out = np.empty(x.shape[:-1], dtype=np.float32)
+    rows = _rows_per_slice(x[0].nbytes)
+    for a in range(0, x.shape[0], rows):
+        out[a : a + rows] = np.partition(x[a : a + rows], width - k, axis=-1)[..., width - k]
+    return out
 
 
-def _sort_keys(x: torch.Tensor, offset: int) -> torch.Tensor:
-    """int64 keys ordered by (value, -sample): unique, so top-k over them is exact and deterministic."""
-    bits = (x + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    samples = torch.arange(offset, offset + x.shape[0], dtype=torch.int64).view(-1, *([1] * (x.dim() - 1)))
-    return (ordered << 32) | (_LOW32 - samples)
+def _ordered_bits(bits: np.ndarray) -> None:
+    """In place: float32 bit patterns (as int32) -> int32 that sort like the floats (an involution)."""
+    flip = bits >> 31
+    flip &= 0x7FFFFFFF
+    bits ^= flip
 
 
-def _decode_keys(keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    ordered = (keys >> 32).to(torch.int32)
-    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
-    return (_LOW32 - (keys & _LOW32)).numpy(), bits.view(torch.float32).numpy()
+def _decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort keys -> (sample index, activation)."""
+    bits = (keys >> 32).astype(np.int32)
+    _ordered_bits(bits)
+    return _LOW32 - (keys & _LOW32), bits.view(np.float32)
 
 
 class _Accumulator:
-    """Running per-(call, channel) statistics of one channel block over sample chunks."""
+    """Running per-(call, channel) statistics of one channel block over sample chunks.
+
+    Ranked examples are kept as int64 keys (activation's order-preserving bits << 32 | ~sample):
+    unique, so a partial sort over them is exact and deterministic, and a key decodes back to
+    (sample, activation). Keys are built a slice of channels at a time to bound temporaries.
+    """
 
     def __init__(self, block: Block, n_calls: int, top_examples: int, positive_only: bool) -> None:
         width = block.stop - block.start
         self.block = block
         self.top_examples = top_examples
         self.positive_only = positive_only
-        self.count = torch.zeros(n_calls, width, dtype=torch.int64)
-        self.vmax = torch.full((n_calls, width), -math.inf, dtype=torch.float32)
-        self.vsum = torch.zeros(n_calls, width, dtype=torch.float64)
-        self.best = torch.empty(0, n_calls, width, dtype=torch.int64)
+        self.count = np.zeros((n_calls, width), dtype=np.int64)
+        self.vmax = np.full((n_calls, width), -np.inf, dtype=np.float32)
+        self.vsum = np.zeros((n_calls, width), dtype=np.float64)
+        self.best = np.empty((n_calls, width, 0), dtype=np.int64)  # unsorted top keys
         self.n = 0
 
     def update(self, x: np.ndarray, kth: np.ndarray, offset: int) -> None:
         """x [n, calls, width] float32 (this block's channels), kth [n, calls] from all channels."""
-        with torch.no_grad():
-            xt = torch.from_numpy(x)
-            hit = xt >= torch.from_numpy(kth).unsqueeze(-1)
-            if self.positive_only:
-                hit &= xt > 0
-            self.count += hit.sum(0)
-            self.vmax = torch.maximum(self.vmax, xt.amax(0))
-            self.vsum += xt.sum(0, dtype=torch.float64)
-            both = torch.cat([self.best, _sort_keys(xt, offset)])
-            self.best = torch.topk(both, min(self.top_examples, both.shape[0]), dim=0).values
-        self.n += x.shape[0]
+        hit = x >= kth[..., None]
+        if self.positive_only:
+            hit &= x > 0
+        self.count += np.count_nonzero(hit, axis=0)
+        del hit
+        np.maximum(self.vmax, x.max(axis=0), out=self.vmax)
+        self.vsum += x.sum(axis=0, dtype=np.float64)
+        n, n_calls, width = x.shape
+        have = self.best.shape[-1]
+        keep = min(self.top_examples, have + n)
+        best = np.empty((n_calls, width, keep), dtype=np.int64)
+        low = _LOW32 - np.arange(offset, offset + n, dtype=np.int64)
+        step = _rows_per_slice(n * n_calls * 8 * 3)
+        for j in range(0, width, step):
+            part = x[:, :, j : j + step]
+            bits = np.empty((n_calls, part.shape[2], n), dtype=np.float32)
+            np.add(part.transpose(1, 2, 0), np.float32(0), out=bits)  # + 0 turns -0.0 into 0.0
+            bits = bits.view(np.int32)
+            _ordered_bits(bits)
+            keys = np.empty((n_calls, part.shape[2], have + n), dtype=np.int64)
+            keys[..., :have] = self.best[:, j : j + step]
+            fresh = keys[..., have:]
+            fresh[...] = bits
+            fresh <<= 32
+            fresh |= low
+            if have + n > keep:
+                keys.partition(have + n - keep, axis=-1)
+            best[:, j : j + step] = keys[..., have + n - keep :]
+        self.best = best
+        self.n += n
 
     def result(self, timesteps: np.ndarray, s: TimestepAnalysisConfig) -> dict[str, np.ndarray]:
         width = self.block.stop - self.block.start
-        freq = (self.count.double() / self.n).T.numpy()
+        freq = (self.count / self.n).T
         profile = interpolate_profile(freq, timesteps, s.total_timesteps)
         peak_t, peak_height = find_top_peaks(profile, s.peak_threshold, s.peak_separation, s.top_peak_count)
-        samples, values = _decode_keys(self.best.permute(2, 1, 0))
+        ranked = np.sort(self.best, axis=-1)[..., ::-1].transpose(1, 0, 2)  # [width, calls, rank]
+        samples, values = _decode_keys(ranked)
         top_sample = np.full((width, len(timesteps), s.top_examples), -1, dtype=np.int64)
         top_value = np.full(top_sample.shape, np.nan, dtype=np.float32)
         top_sample[..., : samples.shape[-1]] = samples
         top_value[..., : values.shape[-1]] = values
         return {
             "topk_frequency": freq,
-            "max_activation": self.vmax.T.numpy(),
-            "mean_activation": (self.vsum / self.n).T.numpy().astype(np.float32),
+            "max_activation": self.vmax.T,
+            "mean_activation": (self.vsum / self.n).T.astype(np.float32),
             "profile": profile,
             "active": profile > 0,
             "peak_t": peak_t,
@@ -314,6 +347,7 @@ def _create(config: ExperimentConfig, kind: Kind, store: Path, settings: dict[st
     attrs = {
         **{k: v for k, v in settings.items() if k != "timesteps"},
         "tie_handling": TIE_HANDLING,
+        "chunk_samples": s.chunk_samples,  # bounds memory only; results do not depend on it
         "n_samples": int(capture[kind].shape[0]),
         "source_dim": dim,
         "settings": json.dumps(settings, sort_keys=True),
