@@ -51,6 +51,7 @@ def run_stage(stage: str, overrides: list[str], config_file: str | None = None) 
 def demo(overrides: list[str]) -> None:
     """Every stage that exists, on the embedded model, into ./ddr-data; prints where the results are."""
     from ddr.config import load_config
+    from ddr.stores import ExperimentLayout
     from ddr.tracking import tracking_uri
 
     from flows.pipeline import pipeline_flow
@@ -58,10 +59,15 @@ def demo(overrides: list[str]) -> None:
     overrides = [*DEMO_OVERRIDES, *overrides]
     config = load_config(overrides)
     results = pipeline_flow(overrides=overrides)
+    layout = ExperimentLayout(config.experiment_dir.resolve())
     print("\nddr demo finished.")
-    print(f"  experiment folder: {config.experiment_dir.resolve()}")
+    print(f"  experiment folder: {layout.root}")
     print(f"  capture store:     {results['capture']['store']}")
-    print(f"  MLflow store:      {tracking_uri(config)}  (mlflow ui --backend-store-uri {tracking_uri(config)})")
+    for kind in config.kinds:
+        print(f"  analysis ({kind}):    {layout.analysis_store(kind)}")
+        print(f"  plots ({kind}):       {layout.plots_dir(kind)}")
+    print(f"  MLflow store:      {tracking_uri(config)}")
+    print(f"  browse MLflow:     .venv/bin/mlflow ui --backend-store-uri {tracking_uri(config)}")
 
 
 def inspect(overrides: list[str], host: str, port: int, config_file: str | None = None) -> int:
