@@ -232,6 +232,7 @@ class RepresentationConfig(Strict):
     prior_results_dir: Path | None = None
     deep_dream_results_dir_noise: Path | None = Field(None, description="a deep-dream run folder (default: all runs)")
     deep_dream_results_dir_no_noise: Path | None = None
+    channels_per_shard: int = Field(512, gt=0)
 
 
 class StagesConfig(Strict):

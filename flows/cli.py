@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "activity profiles, peaks and ranked dataset examples per channel",
     ),
     "plots": ("flows.plots", "plots_flow", "an activity plot per active channel"),
+    "prior": ("flows.prior", "prior_flow", "steered generations from the empty prompt, per channel"),
+    "deep_dream": ("flows.deep_dream", "deep_dream_flow", "optimise the input that excites each channel most"),
     "representation": (
         "flows.representation",
         "representation_flow",
@@ -53,7 +55,6 @@ def demo(overrides: list[str]) -> None:
     from ddr.config import load_config
     from ddr.stores import ExperimentLayout
     from ddr.tracking import tracking_uri
-
     from flows.pipeline import pipeline_flow
 
     overrides = [*DEMO_OVERRIDES, *overrides]
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("stage", choices=list(STAGES))
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     run.add_argument("--config", help="a base config YAML instead of configs/config.yaml")
+    run.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="deep_dream only: a grid axis (repeatable); one nested MLflow run per combination",
+    )
     demo_parser = commands.add_parser("demo", help="run every stage on the embedded model into ./ddr-data")
     demo_parser.add_argument("overrides", nargs="*")
     commands.add_parser("stages", help="list the stages")
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect_parser.add_argument("--config", help="a base config YAML instead of configs/config.yaml")
     args = parser.parse_args(argv)
 
-    from ddr.config import ConfigError
+    from ddr.config import ConfigError, load_config
 
     try:
         if args.command == "stages":
@@ -123,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             demo(args.overrides)
         elif args.command == "inspect":
             return inspect(args.overrides, args.host, args.port, args.config)
+        elif args.sweep:
+            if args.stage != "deep_dream":
+                raise ConfigError(f"--sweep is for the deep_dream stage, not {args.stage!r}")
+            from flows.deep_dream import deep_dream_sweep_flow
+
+            load_config(args.overrides, None if args.config is None else Path(args.config))
+            result = deep_dream_sweep_flow(grid=args.sweep, overrides=args.overrides, config_file=args.config)
+            print(json.dumps(result, indent=1, default=str))
         else:
             result = run_stage(args.stage, args.overrides, args.config)
             print(json.dumps(result, indent=1, default=str))

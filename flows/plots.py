@@ -42,7 +42,8 @@ def plots_flow(overrides: list[str] | None = None, config_file: str | None = Non
             files: list[str] = []
             if shards:
                 runner = task_runner(config, len(shards))
-                files = [f for r in plot_shards.with_options(task_runner=runner)(config, kind, shards) for f in r["files"]]
+                results = plot_shards.with_options(task_runner=runner)(config, kind, shards)
+                files = [f for r in results for f in r["files"]]
             index = plots.write_plot_index(config, kind)
             mlflow.log_metric(f"{kind}_plots", len(files))
             mlflow.log_artifact(str(index), artifact_path=f"plots/{kind}")

@@ -1,0 +1,245 @@
+"""The deep-dream loop: a planted feature is recovered, batches equal single targets, failures stay local."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ddr.dream.objectives import ChannelMean, LayerActivation, autocast_dtype, empty_prompt_embedding, make_objective
+from ddr.dream.optimise import DreamSettings, optimise
+from ddr.dream.regularisers import Moment, Range, TotalVariation
+from ddr.hooks import CaptureHook, TimestepTracker, hooked
+from ddr.models.pipeline import load_experiment_sae, load_pipeline
+from tests.conftest import tiny_config
+
+SIDE = 8  # latent side of the tiny model at image_size=64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """The CPU is shared: oversubscribed intra-op threads make tiny batches ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    config = tiny_config(tmp_path_factory.mktemp("dream_optimise"), "image_size=64")
+    return config, load_pipeline(config), load_experiment_sae(config)
+
+
+def activation_fn(tiny: Any, kind: str = "raw") -> LayerActivation:
+    config, pipe, sae = tiny
+    objective = make_objective(kind, sae)
+    return LayerActivation(pipe.unet, config.target_layer_name, objective, empty_prompt_embedding(pipe))
+
+
+# --- a planted feature --------------------------------------------------------------------------
+
+
+def planted_pattern(index: int) -> torch.Tensor:
+    """[4, 8, 8] of +-1 blocks, different per index (quadrant checker, halves by row, halves by column)."""
+    rows = torch.arange(SIDE)[:, None] < SIDE // 2
+    cols = torch.arange(SIDE)[None, :] < SIDE // 2
+    base = [rows ^ cols, rows.expand(SIDE, SIDE), cols.expand(SIDE, SIDE)]
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0]).view(4, 1, 1)
+    return torch.stack([base[(index + c) % 3].float() * 2 - 1 for c in range(4)]) * signs
+
+
+class PlantedUNet(nn.Module):
+    """Stands in for a UNet: its hooked layer `mid` is a Conv2d, channel c the linear filter `planted_pattern(c)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mid = nn.Conv2d(4, 3, kernel_size=SIDE)  # one output position: activation = <pattern, latent>
+        self.conv_out = nn.Conv2d(3, 4, kernel_size=1)
+        with torch.no_grad():
+            for c in range(3):
+                self.mid.weight[c] = planted_pattern(c) / planted_pattern(c).norm()
+            self.mid.bias.zero_()
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Any = None) -> Any:
+        return self.conv_out(self.mid(sample))
+
+
+def test_planted_feature_is_recovered_and_later_layers_never_run() -> None:
+    unet = PlantedUNet()
+    fired: list[str] = []
+    unet.conv_out.register_forward_hook(lambda *_: fired.append("conv_out"))
+    fn = LayerActivation(unet, "mid", ChannelMean(), torch.zeros(1, 1, 1))
+    settings = DreamSettings(
+        num_steps=40,
+        learning_rate=0.05,
+        penalties=(TotalVariation(0.05), Range(0.5, threshold=3.0), Moment(0.0)),
+        spectral=True,
+        smoothing_sigma_start=0.5,
+        smoothing_sigma_end=0.0,
+        snapshot_every=5,
+    )
+    targets = [0, 0, 1, 2]
+    init = 0.1 * torch.randn(len(targets), 4, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+    result = optimise(fn, init, targets, [500] * len(targets), [1, 2, 3, 4], settings)
+
+    assert fired == []  # the forward stopped at `mid` every step
+    assert unet.mid.weight.grad is None  # no weight gradients were built
+    for i, channel in enumerate(targets):
+        cosines = [
+            torch.nn.functional.cosine_similarity(result.latents[i].flatten(), planted_pattern(c).flatten(), 0).item()
+            for c in range(3)
+        ]
+        assert cosines[channel] >= 0.9, (i, cosines)
+        assert max(abs(v) for c, v in enumerate(cosines) if c != channel) < 0.2  # its own pattern, not another's
+        history = result.history_activation[i].numpy()
+        assert (np.diff(history) > -1e-3 * abs(history[-1])).all(), history  # non-decreasing
+        assert result.activation[i] > 10 * max(history[0], 0.1)
+    assert (result.failed_step == -1).all()
+    assert result.snapshot_steps == [0, 5, 10, 15, 20, 25, 30, 35]
+    torch.testing.assert_close(result.snapshots[:, 0], init)
+    assert set(result.penalties) == {"total_variation", "range", "moment"}
+
+
+# --- the real (tiny) UNet -----------------------------------------------------------------------
+
+
+def test_forward_stops_at_the_target_layer_and_matches_capture(tiny: Any) -> None:
+    config, pipe, sae = tiny
+    later = ["up_blocks.2", "up_blocks.3", "conv_out"]
+    fired: list[str] = []
+    modules = dict(pipe.unet.named_modules())
+    handles = [modules[name].register_forward_hook(lambda *_, n=name: fired.append(n)) for name in later]
+    try:
+        x = torch.randn(3, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([900, 500, 100])
+        raw = activation_fn(tiny, "raw")(x, t)
+        features = activation_fn(tiny, "sae")(x, t)
+        assert fired == []
+        # the same quantities the capture stage records, from a full forward with the capture hook
+        tracker = TimestepTracker()
+        context = empty_prompt_embedding(pipe).expand(3, -1, -1)
+        for i in range(3):
+            hook = CaptureHook(tracker, n_calls=1, cfg=False, sae=sae)
+            with torch.no_grad(), hooked(pipe.unet, config.target_layer_name, tracker, hook):
+                pipe.unet(x[i : i + 1], t[i : i + 1], encoder_hidden_states=context[:1])
+            captured_raw, captured_sae = hook.result()
+            torch.testing.assert_close(raw[i], captured_raw[0, 0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(features[i], captured_sae[0, 0], atol=1e-5, rtol=1e-5)
+        assert set(fired) == set(later)  # the hooks do fire when the forward runs to the end
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert raw.shape == (3, 64) and features.shape == (3, 256)
+
+
+def noised_settings(**overrides: Any) -> DreamSettings:
+    values: dict[str, Any] = {
+        "num_steps": 4,
+        "learning_rate": 0.1,
+        "penalties": (TotalVariation(0.5), Range(0.5), Moment(0.1)),
+        "smoothing_sigma_start": 0.5,
+        "jitter_max": 1,
+        "rotate_max": 5.0,
+        "scale_max": 1.1,
+        "see_through_noise": True,
+        "snapshot_every": 2,
+    }
+    return DreamSettings(**{**values, **overrides})
+
+
+def test_batched_equals_one_target_at_a_time(tiny: Any) -> None:
+    _, pipe, _ = tiny
+    fn = activation_fn(tiny)
+    settings = noised_settings()
+    targets = [(3, 500), (10, 200), (7, 900)]
+    results, seeds = 2, [11, 22]
+    init = torch.randn(len(targets) * results, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(2))
+    channels = [c for c, _ in targets for _ in range(results)]
+    timesteps = [t for _, t in targets for _ in range(results)]
+    sample_seeds = [1000 * c + s for c, _ in targets for s in seeds]
+    batched = optimise(fn, init, channels, timesteps, sample_seeds, settings, add_noise=pipe.scheduler.add_noise)
+    for j in range(len(targets)):
+        rows = slice(j * results, (j + 1) * results)
+        single = optimise(
+            fn,
+            init[rows],
+            channels[rows],
+            timesteps[rows],
+            sample_seeds[rows],
+            settings,
+            add_noise=pipe.scheduler.add_noise,
+        )
+        torch.testing.assert_close(batched.latents[rows], single.latents, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.activation[rows], single.activation, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.history_activation[rows], single.history_activation, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.selectivity[rows], single.selectivity, atol=1e-4, rtol=1e-4)
+        for name, value in single.penalties.items():
+            torch.testing.assert_close(batched.penalties[name][rows], value, atol=1e-4, rtol=1e-4)
+    # the optimisation moved the latents and each sample saw its own draws
+    assert not torch.allclose(batched.latents, init)
+    assert not torch.allclose(batched.latents[0] - init[0], batched.latents[1] - init[1])
+    other = optimise(fn, init[:1], channels[:1], timesteps[:1], [999], settings, add_noise=pipe.scheduler.add_noise)
+    assert not torch.allclose(other.latents[0], batched.latents[0])  # another seed, other draws
+
+
+class Poisoned:
+    """Wraps an activation function: NaN in one sample's input at one call (as a diverging forward)."""
+
+    def __init__(self, fn: LayerActivation, sample: int, call: int) -> None:
+        self.fn, self.sample, self.call, self.calls = fn, sample, call, 0
+        self.modules = fn.modules
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.calls == self.call:
+            mask = torch.zeros(z.shape[0], 1, 1, 1, dtype=torch.bool)
+            mask[self.sample] = True
+            z = torch.where(mask, math.nan, z)
+        self.calls += 1
+        return self.fn(z, t)
+
+
+def test_a_nan_sample_fails_alone(tiny: Any) -> None:
+    _, pipe, _ = tiny
+    settings = noised_settings(num_steps=6, snapshot_every=1)
+    init = torch.randn(3, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    args = (init, [3, 5, 9], [500, 500, 300], [1, 2, 3], settings)
+    clean = optimise(activation_fn(tiny), *args, add_noise=pipe.scheduler.add_noise)
+    poisoned = optimise(Poisoned(activation_fn(tiny), 1, 3), *args, add_noise=pipe.scheduler.add_noise)
+
+    assert poisoned.failed_step.tolist() == [-1, 3, -1]
+    assert clean.failed_step.tolist() == [-1, -1, -1]
+    # the failed sample is frozen at its last finite latent: the one at the start of step 3
+    torch.testing.assert_close(poisoned.latents[1], clean.snapshots[1, 3], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(poisoned.latents).all()
+    # its history stops at the failure; the others finish exactly as without the failure
+    assert torch.isfinite(poisoned.history_activation[1, :3]).all()
+    assert torch.isnan(poisoned.history_activation[1, 3:]).all()
+    assert torch.isnan(poisoned.step_activation[3:, 1]).all()
+    for i in (0, 2):
+        torch.testing.assert_close(poisoned.latents[i], clean.latents[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(poisoned.history_activation[i], clean.history_activation[i], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(poisoned.activation[i])
+
+
+def test_autocast_path_and_context_cache(tiny: Any) -> None:
+    """The bf16 autocast path (CUDA's) on the CPU: fp32 activations close to fp32's, gradients reach the latent."""
+    config, pipe, _ = tiny
+    context = empty_prompt_embedding(pipe)
+    exact = LayerActivation(pipe.unet, config.target_layer_name, make_objective("raw"), context)
+    mixed = LayerActivation(pipe.unet, config.target_layer_name, make_objective("raw"), context, torch.bfloat16)
+    x = torch.randn(2, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    t = torch.tensor([700, 300])
+    low = mixed(x, t)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, exact(x, t), atol=0.05, rtol=0.05)
+    (grad,) = torch.autograd.grad(low[:, 3].sum(), x)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    exact(torch.randn(5, 4, SIDE, SIDE), torch.full((5,), 10))
+    assert sorted(exact._contexts) == [2, 5]  # the empty-prompt embedding expanded once per batch size
+    assert autocast_dtype(torch.device("cpu")) is None  # fp32 on the CPU
