@@ -184,6 +184,9 @@ TimestepChoice = int | Literal["activity_peaks", "active_timesteps"]
 
 
 class DeepDreamConfig(ChannelSelection):
+    objective: Literal["channel_mean", "sae_mean", "sae_pre_activation_mean"] | None = Field(
+        None, description="what is maximised (None: channel_mean for raw channels, sae_mean for SAE features)"
+    )
     timesteps: list[TimestepChoice] = Field(default_factory=lambda: [0, "activity_peaks"])
     use_just_one_timestep: bool = False
     see_through_schedule_noise: bool = True

@@ -132,6 +132,11 @@ def dream_settings(config: ExperimentConfig, kind: Kind) -> DeepDreamConfig:
             f"stages.deep_dream.n_results: {settings.n_results} needs at least that many seeds, "
             f"got {len(settings.seeds)} ({settings.seeds})"
         )
+    if kind == "raw" and settings.objective not in (None, "channel_mean"):
+        raise ConfigError(
+            f"stages.deep_dream.objective: {settings.objective!r} needs SAE features; raw channels allow "
+            "'channel_mean' (set SAE objectives in the sae block: stages.deep_dream.sae.objective=...)"
+        )
     return settings  # type: ignore[return-value]
 
 
@@ -373,7 +378,7 @@ def _params(config: ExperimentConfig, kind: Kind, plan: DreamPlan) -> dict[str, 
         "target_layer_name": config.target_layer_name,
         "sae": config.sae.model_dump(mode="json") if kind == "sae" and config.sae else None,
         "image_size": config.resolved_image_size,
-        "objective": DEFAULT_OBJECTIVE[kind],
+        "objective": settings.objective or DEFAULT_OBJECTIVE[kind],
         "settings": content,
         "targets": [list(t) for t in plan.targets],
         "analysis_store": str(plan.analysis_store),
@@ -445,7 +450,7 @@ def prepare_dream_store(
             "sae_hookpoint": config.sae.hookpoint if kind == "sae" and config.sae else None,
             "image_size": config.resolved_image_size,
             "robustness": config.robustness.name,
-            "objective": DEFAULT_OBJECTIVE[kind],
+            "objective": settings.objective or DEFAULT_OBJECTIVE[kind],
             "penalties": {p.name: p.weight for p in penalties},
             "penalty_values": "unweighted",
             "selectivity": SELECTIVITY_RULE,
@@ -640,7 +645,7 @@ def dream_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> di
             dream = DreamSettings.from_config(settings, loss_scale=FP16_LOSS_SCALE)
         device_info = {"device": str(pipe.device), "autocast": str(amp).removeprefix("torch.") if amp else "fp32"}
         activation_fn = LayerActivation(
-            pipe.unet, config.target_layer_name, make_objective(kind, sae), empty_prompt_embedding(pipe), amp
+            pipe.unet, config.target_layer_name, make_objective(kind, sae, settings.objective), empty_prompt_embedding(pipe), amp
         )
         shape = tuple(group["latent"].shape[2:])
         prior_group = stores.open_store(plan.prior_store) if settings.use_prior and plan.prior_store else None
