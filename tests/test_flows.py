@@ -57,3 +57,54 @@ def test_pipeline_maps_shards_on_dask_and_logs_one_mlflow_run_per_stage(tmp_path
 
     again = capture_flow(overrides=overrides)
     assert again["captured"] == 0, "a rerun skips every completed shard"
+
+
+def test_deep_dream_sweep_makes_one_nested_mlflow_run_per_combination(tmp_path: Path) -> None:
+    from ddr.stages import analysis, capture
+    from flows.deep_dream import deep_dream_sweep_flow, expand_grid
+    from tests.conftest import tiny_config
+
+    base = [*TINY[:1], "use_sae=false", "stages.capture.dev_n_prompts=3", "stages.timestep_analysis.top_k=8"]
+    config = tiny_config(tmp_path, *base)
+    plan = capture.plan_capture(config)
+    capture.prepare_store(config, plan)
+    for shard in capture.pending_shards(config, plan):
+        capture.capture_shard(config, shard)
+    analysis.run_analysis(config, "raw")
+    active = xr.open_zarr(stores.ExperimentLayout(config.experiment_dir).analysis_store("raw")).active.any("t")
+    channel = int(np.flatnonzero(active.values)[0])
+
+    overrides = [
+        f"data_root={tmp_path}",
+        *base,
+        "infrastructure.n_workers=1",
+        "stages.deep_dream.use_prior=false",
+        "stages.deep_dream.num_steps=2",
+        "stages.deep_dream.n_results=1",
+        "stages.deep_dream.use_just_one_timestep=true",
+        f"stages.deep_dream.channels=[{channel}]",
+    ]
+    grid = ["learning_rate=0.01,0.1", "total_variation_penalty_weight=0.1,0.5"]
+    assert len(expand_grid(grid)) == 4
+    result = deep_dream_sweep_flow(grid=grid, overrides=overrides)
+
+    client = mlflow.MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(experiment_name(config))
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'"
+    )
+    assert len(children) == 4
+    settings = {
+        (
+            r.data.params["stages.deep_dream.learning_rate"],
+            r.data.params["stages.deep_dream.total_variation_penalty_weight"],
+        )
+        for r in children
+    }
+    assert settings == {("0.01", "0.1"), ("0.01", "0.5"), ("0.1", "0.1"), ("0.1", "0.5")}
+    for run in children:
+        assert "raw_mean_normalized_activation" in run.data.metrics
+        assert client.get_metric_history(run.info.run_id, "raw_step_activation")
+    run_names = {m["run_name"] for m in result["members"]}
+    for name in run_names:
+        assert stores.ExperimentLayout(config.experiment_dir).dream_store(name, "raw").exists()
