@@ -26,12 +26,23 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "the per-channel index the inspector reads (profiles, examples, priors, deep dreams)",
     ),
 }
+# Every stage at demo size: a few minutes on a laptop CPU. Priors and dreams for the first channels only.
 DEMO_OVERRIDES = [
     "data_root=./ddr-data",
     "experiment_name=demo",
     "num_inference_steps=20",
     "stages.capture.samples_per_shard=6",
     "stages.capture.batch_size=3",
+    "stages.timestep_analysis.top_k=8",
+    "stages.prior.end_channel=8",
+    "stages.prior.n_results=2",
+    "stages.prior.channels_per_batch=4",
+    "stages.deep_dream.end_channel=4",
+    "stages.deep_dream.n_results=2",
+    "stages.deep_dream.num_steps=20",
+    "stages.deep_dream.timesteps=[activity_peaks]",
+    "stages.deep_dream.use_just_one_timestep=true",
+    "stages.deep_dream.intermediate_opt_results_every_n_steps=5",
 ]
 
 
@@ -64,11 +75,18 @@ def demo(overrides: list[str]) -> None:
     print("\nddr demo finished.")
     print(f"  experiment folder: {layout.root}")
     print(f"  capture store:     {results['capture']['store']}")
+    run = config.stages.deep_dream.run_name
     for kind in config.kinds:
-        print(f"  analysis ({kind}):    {layout.analysis_store(kind)}")
-        print(f"  plots ({kind}):       {layout.plots_dir(kind)}")
+        print(f"  {kind} analysis:      {layout.analysis_store(kind)}")
+        print(f"  {kind} plots:         {layout.plots_dir(kind)}")
+        print(f"  {kind} priors:        {layout.prior_store(kind)}")
+        print(f"  {kind} deep dreams:   {layout.dream_store(run, kind)}")
+    print(f"  representation:    {layout.representation_dir}")
     print(f"  MLflow store:      {tracking_uri(config)}")
     print(f"  browse MLflow:     .venv/bin/mlflow ui --backend-store-uri {tracking_uri(config)}")
+    where = f"data_root={config.data_root} experiment_name={config.experiment_name}"
+    print(f"  inspect:           .venv/bin/ddr inspect {where}")
+    print(f"  notebooks:         DDR_DATA_ROOT={config.data_root.resolve()} DDR_EXPERIMENT={config.experiment_name}")
 
 
 def inspect(overrides: list[str], host: str, port: int, config_file: str | None = None) -> int:
@@ -119,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     inspect_parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     inspect_parser.add_argument("--port", type=int, default=8501)
     inspect_parser.add_argument("--config", help="a base config YAML instead of configs/config.yaml")
+    from ddr.toy.cli import add_train_sae, add_train_toy
+
+    add_train_toy(commands.add_parser("train-toy", help="train the toy-shapes model (CPU, about 30 minutes)"))
+    add_train_sae(commands.add_parser("train-sae", help="train a TopK SAE on a layer's per-token activations"))
     args = parser.parse_args(argv)
 
     from ddr.config import ConfigError, load_config
@@ -130,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             demo(args.overrides)
         elif args.command == "inspect":
             return inspect(args.overrides, args.host, args.port, args.config)
+        elif args.command in ("train-toy", "train-sae"):
+            from ddr.toy.cli import run_train_sae, run_train_toy
+
+            (run_train_toy if args.command == "train-toy" else run_train_sae)(args)
         elif args.sweep:
             if args.stage != "deep_dream":
                 raise ConfigError(f"--sweep is for the deep_dream stage, not {args.stage!r}")
