@@ -15,6 +15,9 @@ PIPELINE: list[tuple[str, str, str]] = [
     ("capture", "flows.capture", "capture_flow"),
     ("timestep_analysis", "flows.analysis", "timestep_analysis_flow"),
     ("plots", "flows.plots", "plots_flow"),
+    ("prior", "flows.prior", "prior_flow"),
+    ("deep_dream", "flows.deep_dream", "deep_dream_flow"),
+    ("representation", "flows.representation", "representation_flow"),
 ]
 
 
