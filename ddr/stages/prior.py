@@ -131,7 +131,8 @@ def select_channels(selection: PriorConfig, channel_ids: np.ndarray, kind: Kind,
                 f"end_channel={selection.end_channel})"
             )
         chosen = np.unique(np.asarray(selection.channels, dtype=np.int64))
-        outside = [int(c) for c in chosen if c not in set(ids.tolist())]
+        known = set(ids.tolist())
+        outside = [int(c) for c in chosen if c not in known]
         if outside:
             raise ConfigError(f"stages.prior.channels: {outside} out of range; {allowed}")
         return chosen
@@ -211,6 +212,13 @@ def build_schedule(config: ExperimentConfig, kind: Kind) -> PriorSchedule:
         active = ds["active"].values[rows].astype(bool)
         max_act = ds["max_activation"].values[rows].astype(np.float64)
         peak_t = ds["peak_t"].values[rows] if "peak_t" in ds else None
+    unwritten = chosen[np.isnan(max_act).all(axis=1)] if max_act.size else chosen[:0]
+    if len(unwritten):
+        raise ValueError(
+            f"{path} holds no values for {kind} channels {unwritten.tolist()[:20]}"
+            f"{' ...' if len(unwritten) > 20 else ''} ({len(unwritten)} channels): the timestep_analysis "
+            "stage has not finished; run it before the prior stage"
+        )
     timesteps = _scheduler_timesteps(config)
     if len(analysis_ts) != max_act.shape[1]:
         raise ValueError(f"{path}: max_activation has {max_act.shape[1]} calls but timestep has {len(analysis_ts)}")
@@ -508,6 +516,8 @@ def prior_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> di
     interruption generates only the missing ones.
     """
     settings = prior_settings(config, kind)
+    if not channels:
+        raise ValueError("prior_shard: no channels given")
     layout = stores.ExperimentLayout(config.experiment_dir)
     path = layout.prior_store(kind)
     group = stores.open_store(path, mode="r+")
