@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -159,7 +161,36 @@ class ChannelSelection(Overridable):
             raise ValueError(
                 f"end_channel ({self.end_channel}) must be greater than start_channel ({self.start_channel})"
             )
+        if self.channels is not None and (self.start_channel is not None or self.end_channel is not None):
+            raise ValueError(
+                f"set either channels or start_channel/end_channel, not both (got channels={self.channels}, "
+                f"start_channel={self.start_channel}, end_channel={self.end_channel})"
+            )
+        if self.channels is not None and not self.channels:
+            raise ValueError("channels: the list is empty")
         return self
+
+    def select(self, channel_ids: Sequence[int], key: str, where: str) -> np.ndarray:
+        """The selected ids (ascending): `channels`, or positions [start_channel, end_channel) of `channel_ids`.
+
+        `key` (e.g. "stages.prior") and `where` (the store the ids come from) make errors name what was wrong.
+        """
+        ids = np.asarray(channel_ids, dtype=np.int64)
+        n = len(ids)
+        allowed = f"allowed: {ids.min()}..{ids.max()} ({n} channels in {where})" if n else f"{where} has no channels"
+        if self.channels is not None:
+            chosen = np.unique(np.asarray(self.channels, dtype=np.int64))
+            outside = sorted(set(chosen.tolist()) - set(ids.tolist()))
+            if outside:
+                raise ConfigError(f"{key}.channels: {outside} out of range; {allowed}")
+            return chosen
+        start = self.start_channel or 0
+        end = n if self.end_channel is None else self.end_channel
+        if start >= n:
+            raise ConfigError(f"{key}.start_channel: {start} is out of range; {allowed}")
+        if end > n:
+            raise ConfigError(f"{key}.end_channel: {end} is out of range (exclusive end, at most {n}); {allowed}")
+        return np.sort(ids[start:end])
 
 
 class PriorConfig(ChannelSelection):

@@ -177,8 +177,8 @@ def test_targets_from_timesteps_peaks_and_active_calls(data_root: Path) -> None:
     ],
 )
 def test_bad_selection_is_a_clear_error(data_root: Path, overrides: list[str], message: str) -> None:
-    config = experiment(data_root, "errors", *overrides)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):  # at config load or at planning, before any work
+        config = experiment(data_root, "errors", *overrides)
         deep_dream.plan_dream(config, "raw")
 
 

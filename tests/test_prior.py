@@ -308,8 +308,8 @@ def test_inactive_channels_are_skipped_and_listed_out_of_range_is_an_error(data_
         (["stages.prior.end_channel=65"], r"end_channel: 65 is out of range"),
         (["stages.prior.channels=[3]", "stages.prior.start_channel=0"], "not both"),
     ]:
-        bad = tiny_config(data_root, *PRIOR, "experiment_name=select", "stages.prior.channels=null", *overrides)
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message):  # at config load (not both) or at planning (range)
+            bad = tiny_config(data_root, *PRIOR, "experiment_name=select", "stages.prior.channels=null", *overrides)
             prior.plan_prior(bad, "raw")
 
     # an analysis block not written yet (NaN fill) is an error, not a silently "inactive" channel

@@ -197,37 +197,6 @@ def _objective_width(config: ExperimentConfig, kind: Kind) -> int:
 # --- targets ------------------------------------------------------------------------------------
 
 
-def select_channels(settings: DeepDreamConfig, channel_ids: np.ndarray, kind: Kind, where: str) -> np.ndarray:
-    """The selected channel ids (ascending): `channels`, or [start_channel, end_channel) of the analysis's ids."""
-    ids = np.asarray(channel_ids, dtype=np.int64)
-    n = len(ids)
-    allowed = f"allowed: {ids.min()}..{ids.max()} ({n} {kind} channels in {where})" if n else f"{where} has no channels"
-    if settings.channels is not None:
-        if settings.start_channel is not None or settings.end_channel is not None:
-            raise ConfigError(
-                "stages.deep_dream: set either channels or start_channel/end_channel, not both "
-                f"(got channels={settings.channels}, start_channel={settings.start_channel}, "
-                f"end_channel={settings.end_channel})"
-            )
-        chosen = np.unique(np.asarray(settings.channels, dtype=np.int64))
-        known = set(ids.tolist())
-        outside = [int(c) for c in chosen if c not in known]
-        if outside:
-            raise ConfigError(f"stages.deep_dream.channels: {outside} out of range; {allowed}")
-        if not len(chosen):
-            raise ConfigError("stages.deep_dream.channels: the list is empty")
-        return chosen
-    start = 0 if settings.start_channel is None else settings.start_channel
-    end = n if settings.end_channel is None else settings.end_channel
-    if start >= n:
-        raise ConfigError(f"stages.deep_dream.start_channel: {start} is out of range; {allowed}")
-    if end > n:
-        raise ConfigError(
-            f"stages.deep_dream.end_channel: {end} is out of range (exclusive end, at most {n}); {allowed}"
-        )
-    return np.sort(ids[start:end])
-
-
 def resolve_timesteps(
     choices: Sequence[int | str],
     *,
@@ -281,7 +250,7 @@ def build_plan(config: ExperimentConfig, kind: Kind) -> DreamPlan:
             raise ConfigError(f"stages.deep_dream.timesteps: {choice} is out of range; allowed: 0..{max_t - 1}")
     with xr.open_zarr(path, chunks=None) as ds:
         ids = ds["channel"].values.astype(np.int64)
-        chosen = select_channels(settings, ids, kind, str(path))
+        chosen = settings.select(ids, "stages.deep_dream", str(path))
         row_of = {int(c): i for i, c in enumerate(ids)}
         rows = [row_of[int(c)] for c in chosen]
         captured = ds["timestep"].values.astype(np.int64)
@@ -645,7 +614,11 @@ def dream_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> di
             dream = DreamSettings.from_config(settings, loss_scale=FP16_LOSS_SCALE)
         device_info = {"device": str(pipe.device), "autocast": str(amp).removeprefix("torch.") if amp else "fp32"}
         activation_fn = LayerActivation(
-            pipe.unet, config.target_layer_name, make_objective(kind, sae, settings.objective), empty_prompt_embedding(pipe), amp
+            pipe.unet,
+            config.target_layer_name,
+            make_objective(kind, sae, settings.objective),
+            empty_prompt_embedding(pipe),
+            amp,
         )
         shape = tuple(group["latent"].shape[2:])
         prior_group = stores.open_store(plan.prior_store) if settings.use_prior and plan.prior_store else None

@@ -118,33 +118,6 @@ def open_analysis(config: ExperimentConfig, kind: Kind) -> xr.Dataset:
     return xr.open_zarr(path, chunks=None)
 
 
-def select_channels(selection: PriorConfig, channel_ids: np.ndarray, kind: Kind, where: str) -> np.ndarray:
-    """The selected channel ids (ascending): `channels`, or [start_channel, end_channel) of the analysis's ids."""
-    ids = np.asarray(channel_ids, dtype=np.int64)
-    n = len(ids)
-    allowed = f"allowed: {ids.min()}..{ids.max()} ({n} {kind} channels in {where})" if n else f"{where} has no channels"
-    if selection.channels is not None:
-        if selection.start_channel is not None or selection.end_channel is not None:
-            raise ConfigError(
-                "stages.prior: set either channels or start_channel/end_channel, not both "
-                f"(got channels={selection.channels}, start_channel={selection.start_channel}, "
-                f"end_channel={selection.end_channel})"
-            )
-        chosen = np.unique(np.asarray(selection.channels, dtype=np.int64))
-        known = set(ids.tolist())
-        outside = [int(c) for c in chosen if c not in known]
-        if outside:
-            raise ConfigError(f"stages.prior.channels: {outside} out of range; {allowed}")
-        return chosen
-    start = 0 if selection.start_channel is None else selection.start_channel
-    end = n if selection.end_channel is None else selection.end_channel
-    if start >= n:
-        raise ConfigError(f"stages.prior.start_channel: {start} is out of range; {allowed}")
-    if end > n:
-        raise ConfigError(f"stages.prior.end_channel: {end} is out of range (exclusive end, at most {n}); {allowed}")
-    return np.sort(ids[start:end])
-
-
 def call_strengths(
     max_activation: np.ndarray, analysis_timesteps: np.ndarray, timesteps: np.ndarray
 ) -> tuple[np.ndarray, str]:
@@ -203,7 +176,7 @@ def build_schedule(config: ExperimentConfig, kind: Kind) -> PriorSchedule:
     path = analysis_store_path(config, kind)
     with open_analysis(config, kind) as ds:
         ids = ds["channel"].values.astype(np.int64)
-        chosen = select_channels(settings, ids, kind, str(path))
+        chosen = settings.select(ids, "stages.prior", str(path))
         rows = (
             np.searchsorted(ids, chosen) if np.all(np.diff(ids) > 0) else np.array([list(ids).index(c) for c in chosen])
         )
