@@ -31,12 +31,12 @@ from ddr.config import ExperimentConfig, load_config
 from ddr.models.pipeline import load_pipeline
 from ddr.provision import provision
 from ddr.stages import prior
-from ddr.stages.capture import _scheduler_timesteps, layer_width
+from ddr.stages.capture import layer_width, scheduler_timesteps
 
 
 def write_synthetic_analysis(config: ExperimentConfig, n_channels: int, total_timesteps: int = 1000) -> None:
     """Every channel active at every t; max activation ~1 (seeded), at the scheduler's calls."""
-    timesteps = _scheduler_timesteps(config)
+    timesteps = scheduler_timesteps(config)
     rng = np.random.default_rng(0)
     ds = xr.Dataset(
         {
@@ -132,7 +132,7 @@ def main() -> None:
         warm = args.channels_per_batch
         for config, n in ((batched, warm), (single, 1)):
             directions = prior.steering_directions(config, "raw", list(range(n)), pipe.device, width)
-            strengths = torch.ones(n, len(_scheduler_timesteps(config)))
+            strengths = torch.ones(n, len(scheduler_timesteps(config)))
             reps = directions.repeat_interleave(args.n_results, 0), strengths.repeat_interleave(args.n_results, 0)
             prior.steered_latents(pipe, config, *reps, list(range(args.n_results)) * n)
         times: dict[str, list[float]] = {"batched": [], "single": []}

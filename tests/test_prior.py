@@ -18,7 +18,7 @@ from ddr.models.pipeline import load_pipeline
 from ddr.models.sae import load_sae
 from ddr.provision import asset_dir
 from ddr.stages import prior
-from ddr.stages.capture import _scheduler_timesteps, generate
+from ddr.stages.capture import generate, scheduler_timesteps
 from tests.conftest import tiny_config
 
 TOTAL_T = 1000
@@ -57,7 +57,7 @@ def max_activation(n: int, calls: int) -> np.ndarray:
 def write_analysis(config: ExperimentConfig, kind: str, timesteps: np.ndarray | None = None) -> Path:
     """A hand-made analysis store as the timestep_analysis stage lays it out (DESIGN.md)."""
     n = WIDTH[kind]
-    ts = _scheduler_timesteps(config) if timesteps is None else np.asarray(timesteps)
+    ts = scheduler_timesteps(config) if timesteps is None else np.asarray(timesteps)
     active = np.zeros((n, TOTAL_T + 1), dtype=bool)
     for channel, (lo, hi) in ACTIVE.items():
         active[channel, lo : hi + 1] = True
@@ -97,7 +97,7 @@ def stored_latents(config: ExperimentConfig, kind: str) -> xr.DataArray:
 
 def test_schedule_modes_repeated_timesteps_and_other_step_counts(data_root: Path) -> None:
     config = experiment(data_root, "schedule", "stages.prior.channels=[3,7,10,12,20]")
-    calls = _scheduler_timesteps(config)
+    calls = scheduler_timesteps(config)
     assert calls.tolist() == [831, 665, 665, 499, 333, 167, 1]
     expected = max_activation(64, 7)
 
@@ -144,7 +144,7 @@ def test_schedule_modes_repeated_timesteps_and_other_step_counts(data_root: Path
         expected[10, 1:3].mean(),
         expected[10, 0],
     ]
-    want = np.interp(_scheduler_timesteps(four), values, per_value) * 50.0
+    want = np.interp(scheduler_timesteps(four), values, per_value) * 50.0
     assert s4.strength_mapping == "interpolated" and len(s4.timesteps) != 7
     np.testing.assert_allclose(s4.strength[0], want, rtol=1e-5)
 

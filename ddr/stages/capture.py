@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def load_dataset(config: ExperimentConfig) -> PromptFile:
     return load_prompts(prompt_file_path(config), spec.format, spec.text_field)
 
 
-def _scheduler_timesteps(config: ExperimentConfig) -> np.ndarray:
+def scheduler_timesteps(config: ExperimentConfig) -> np.ndarray:
     """The timestep of every UNet call of one generation, in order (PNDM at 50 steps: 51 calls)."""
     folder = model_dir(config)
     if not (folder / "model_index.json").is_file() and config.model.base_model:
@@ -103,7 +104,7 @@ def layer_width(config: ExperimentConfig) -> int:
     return layer_output_shape(unet_config, config.target_layer_name, config.resolved_image_size // factor)[0]
 
 
-def _sae_width(config: ExperimentConfig) -> int | None:
+def sae_width(config: ExperimentConfig) -> int | None:
     if not config.use_sae or config.sae is None:
         return None
     folder = require(asset_dir(config, "saes", config.sae.name), f"SAE {config.sae.name!r}")
@@ -128,9 +129,9 @@ def plan_capture(config: ExperimentConfig) -> CapturePlan:
         sample_prompts=sample_prompts,
         seeds=settings.seed + np.arange(n, dtype=np.int64),
         images=[f"capture/images/{i:06d}.png" for i in range(n)],
-        timesteps=_scheduler_timesteps(config),
+        timesteps=scheduler_timesteps(config),
         n_channels=layer_width(config),
-        n_features=_sae_width(config),
+        n_features=sae_width(config),
         shards=shards,
     )
 
@@ -294,5 +295,6 @@ def capture_shard(config: ExperimentConfig, shard: Shard) -> dict[str, Any]:
     stores.write_capture_rows(group, shard.start, np.concatenate(raws), np.concatenate(codes) if codes else None)
     seconds = time.perf_counter() - started
     info = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "seconds": seconds, "samples": n}
+    info["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # which SLURM job (if any) computed this shard
     stores.mark_shard_done(layout.capture_shards, shard.index, info)
     return {**info, "skipped": False}

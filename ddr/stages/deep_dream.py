@@ -184,9 +184,9 @@ def num_train_timesteps(config: ExperimentConfig) -> int:
 
 def _objective_width(config: ExperimentConfig, kind: Kind) -> int:
     if kind == "sae":
-        from ddr.stages.capture import _sae_width
+        from ddr.stages.capture import sae_width
 
-        width = _sae_width(config)
+        width = sae_width(config)
         assert width is not None
         return width
     from ddr.stages.capture import layer_width

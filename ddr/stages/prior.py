@@ -49,7 +49,7 @@ from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig, PriorConfig
 from ddr.hooks import SteeringHook, TimestepTracker, hooked
 from ddr.models.pipeline import load_experiment_sae, load_pipeline
-from ddr.stages.capture import _sae_width, _scheduler_timesteps, generate, layer_width
+from ddr.stages.capture import generate, layer_width, sae_width, scheduler_timesteps
 from ddr.stores import Kind
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def build_schedule(config: ExperimentConfig, kind: Kind) -> PriorSchedule:
             f"{' ...' if len(unwritten) > 20 else ''} ({len(unwritten)} channels): the timestep_analysis "
             "stage has not finished; run it before the prior stage"
         )
-    timesteps = _scheduler_timesteps(config)
+    timesteps = scheduler_timesteps(config)
     if len(analysis_ts) != max_act.shape[1]:
         raise ValueError(f"{path}: max_activation has {max_act.shape[1]} calls but timestep has {len(analysis_ts)}")
     strength_per_call, mapping = call_strengths(max_act, analysis_ts, timesteps)
@@ -263,7 +263,7 @@ def plan_prior(config: ExperimentConfig, kind: Kind) -> list[list[int]]:
 
 
 def _direction_width(config: ExperimentConfig, kind: Kind) -> int:
-    return layer_width(config) if kind == "raw" else int(_sae_width(config) or 0)
+    return layer_width(config) if kind == "raw" else int(sae_width(config) or 0)
 
 
 def _latent_shape(config: ExperimentConfig) -> tuple[int, int, int]:
