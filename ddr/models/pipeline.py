@@ -11,8 +11,8 @@ import functools
 import logging
 from pathlib import Path
 
-import torch
 import diffusers
+import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ddr.config import ExperimentConfig, InfrastructureConfig
