@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect_parser.add_argument("--config", help="a base config YAML instead of configs/config.yaml")
     from ddr.toy.cli import add_train_sae, add_train_toy
 
-    add_train_toy(commands.add_parser("train-toy", help="train the toy-shapes model (CPU, about 30 minutes)"))
+    add_train_toy(commands.add_parser("train-toy", help="train the toy-shapes model (CPU, 1 thread: 15-30 minutes)"))
     add_train_sae(commands.add_parser("train-sae", help="train a TopK SAE on a layer's per-token activations"))
     args = parser.parse_args(argv)
 
