@@ -26,23 +26,28 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "the per-channel index the inspector reads (profiles, examples, priors, deep dreams)",
     ),
 }
-# Every stage at demo size: a few minutes on a laptop CPU. Priors and dreams for the first channels only.
+# Every stage at demo size on the shipped toy-shapes model (it draws at guidance 2): a few minutes on a
+# laptop CPU. Priors and dreams for the first channels only.
 DEMO_OVERRIDES = [
     "data_root=./ddr-data",
     "experiment_name=demo",
+    "model=toy-shapes",
+    "sae=toy-shapes-topk",
+    "stages.capture.prompt_dataset=toy-shapes",
+    "guidance_scale=2",
     "num_inference_steps=20",
-    "stages.capture.samples_per_shard=6",
-    "stages.capture.batch_size=3",
+    "stages.capture.samples_per_shard=50",
+    "stages.capture.batch_size=25",
     "stages.timestep_analysis.top_k=8",
     "stages.prior.end_channel=8",
-    "stages.prior.n_results=2",
-    "stages.prior.channels_per_batch=4",
+    "stages.prior.n_results=3",
+    "stages.prior.channels_per_batch=8",
     "stages.deep_dream.end_channel=4",
     "stages.deep_dream.n_results=2",
-    "stages.deep_dream.num_steps=20",
+    "stages.deep_dream.num_steps=30",
     "stages.deep_dream.timesteps=[activity_peaks]",
     "stages.deep_dream.use_just_one_timestep=true",
-    "stages.deep_dream.intermediate_opt_results_every_n_steps=5",
+    "stages.deep_dream.intermediate_opt_results_every_n_steps=10",
 ]
 
 
@@ -62,7 +67,7 @@ def run_stage(stage: str, overrides: list[str], config_file: str | None = None) 
 
 
 def demo(overrides: list[str]) -> None:
-    """Every stage that exists, on the embedded model, into ./ddr-data; prints where the results are."""
+    """Every stage on the shipped toy-shapes model into ./ddr-data; prints where the results are."""
     from ddr.config import load_config
     from ddr.stores import ExperimentLayout
     from ddr.tracking import tracking_uri
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=V1,V2",
         help="deep_dream only: a grid axis (repeatable); one nested MLflow run per combination",
     )
-    demo_parser = commands.add_parser("demo", help="run every stage on the embedded model into ./ddr-data")
+    demo_parser = commands.add_parser("demo", help="run every stage on the shipped toy-shapes model into ./ddr-data")
     demo_parser.add_argument("overrides", nargs="*")
     commands.add_parser("stages", help="list the stages")
     inspect_parser = commands.add_parser("inspect", help="browse the representation in the Streamlit inspector")
