@@ -61,7 +61,14 @@ def safe_params(config: ExperimentConfig) -> dict[str, str]:
 def _ensure_experiment(config: ExperimentConfig) -> str:
     import mlflow
 
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(config))
+    # mlflow also exports the URI to the environment; restore the user's, so that a later config in this
+    # process (another data root) does not inherit this one's store.
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
     name = experiment_name(config)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:

@@ -108,3 +108,16 @@ def test_deep_dream_sweep_makes_one_nested_mlflow_run_per_combination(tmp_path: 
     run_names = {m["run_name"] for m in result["members"]}
     for name in run_names:
         assert stores.ExperimentLayout(config.experiment_dir).dream_store(name, "raw").exists()
+
+
+def test_each_config_tracks_into_its_own_data_root(tmp_path: Path, monkeypatch) -> None:
+    from ddr.tracking import stage_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = (load_config([f"data_root={tmp_path / name}", "use_sae=false"]) for name in ("a", "b"))
+    with stage_run(first, "capture"):
+        pass
+    assert tracking_uri(second) == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
+    with stage_run(second, "capture") as run:
+        pass
+    assert mlflow.MlflowClient(tracking_uri(second)).get_run(run.info.run_id).info.run_id == run.info.run_id
