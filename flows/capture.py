@@ -11,7 +11,16 @@ from ddr import stores, tracking
 from ddr.config import ExperimentConfig
 from ddr.provision import provision
 from ddr.stages import capture
-from flows.common import RETRY_DELAYS, TASK_RETRIES, gather, gpu_annotation, load, prefect_tags, task_runner
+from flows.common import (
+    RETRY_DELAYS,
+    TASK_RETRIES,
+    gather,
+    gpu_annotation,
+    load,
+    prefect_tags,
+    report_stage,
+    task_runner,
+)
 
 
 @task(name="capture-shard", retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
@@ -63,4 +72,5 @@ def capture_flow(overrides: list[str] | None = None, config_file: str | None = N
         run_id = run.info.run_id
     summary = {"store": str(store), "samples": plan.n_samples, "captured": samples, "mlflow_run_id": run_id}
     logger.info("capture done: %s", summary)
+    report_stage("capture", summary, run_id, tracking.tracking_uri(config), config.experiment_name)
     return summary
