@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -399,6 +400,29 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+ENV_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _load_env_file() -> None:
+    """Site variables (`.env` as in the original) fill ${VAR} in infrastructure configs; the environment wins."""
+    from dotenv import load_dotenv
+
+    load_dotenv(Path(".env"), override=False)
+
+
+def _expand_env(value: Any, key: str) -> Any:
+    """${VAR} expanded from the environment; an unset variable is an error naming it and the key."""
+    if not isinstance(value, str):
+        return value
+    missing = [a or b for a, b in ENV_VARIABLE.findall(value) if (a or b) not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"{key}: environment variable(s) {', '.join(dict.fromkeys(missing))} are not set "
+            "(set them in the environment or in .env; see .env.example)"
+        )
+    return os.path.expandvars(value)
+
+
 def split_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for item in overrides:
@@ -436,8 +460,11 @@ def compose(overrides: list[str] | None = None, base: Path | None = None) -> dic
     for field in ("jitter_max", "rotate_max", "scale_max"):
         if field in robustness:
             set_dotted(tree, f"stages.deep_dream.{field}", robustness[field])
-    for key, value in (tree.get("infrastructure") or {}).get("overrides", {}).items():
-        set_dotted(tree, key, os.path.expandvars(value) if isinstance(value, str) else value)
+    overrides_of_infrastructure = (tree.get("infrastructure") or {}).get("overrides", {})
+    if overrides_of_infrastructure:
+        _load_env_file()
+    for key, value in overrides_of_infrastructure.items():
+        set_dotted(tree, key, _expand_env(value, f"infrastructure.overrides.{key}"))
     for key, value in pairs:
         if key not in GROUPS:
             set_dotted(tree, key, parse_value(value))

@@ -11,7 +11,16 @@ from prefect.cache_policies import NO_CACHE
 from ddr import stores, tracking
 from ddr.config import ExperimentConfig
 from ddr.stages import analysis
-from flows.common import RETRY_DELAYS, TASK_RETRIES, gather, gpu_annotation, load, prefect_tags, task_runner
+from flows.common import (
+    RETRY_DELAYS,
+    TASK_RETRIES,
+    gather,
+    gpu_annotation,
+    load,
+    prefect_tags,
+    report_stage,
+    task_runner,
+)
 
 
 @task(name="analyse-block", retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
@@ -58,4 +67,11 @@ def timestep_analysis_flow(overrides: list[str] | None = None, config_file: str 
             summaries[kind] = {k: summary[k] for k in ("analysis_store", "channels", "active_channels")}
         summaries["mlflow_run_id"] = run.info.run_id
     logger.info("timestep analysis done: %s", summaries)
+    report_stage(
+        "timestep_analysis",
+        summaries,
+        summaries["mlflow_run_id"],
+        tracking.tracking_uri(config),
+        config.experiment_name,
+    )
     return summaries

@@ -27,6 +27,7 @@ from flows.common import (
     gpu_annotation,
     load,
     prefect_tags,
+    report_stage,
     task_runner,
 )
 
@@ -87,6 +88,7 @@ def _run(config: ExperimentConfig, parent_run_id: str | None) -> dict[str, Any]:
             result[kind] = {"store": str(path), "optimised": sum(r["optimised"] for r in results), **summary}
         result["mlflow_run_id"] = run.info.run_id
     logger.info("deep dream done: %s", result)
+    report_stage("deep_dream", result, result["mlflow_run_id"], tracking.tracking_uri(config), config.experiment_name)
     return result
 
 
@@ -133,4 +135,6 @@ def deep_dream_sweep_flow(
             )
             children.append({"overrides": member, "run_name": run_name, "mlflow_run_id": child["mlflow_run_id"]})
         mlflow.log_metric("members", len(members))
-    return {"parent_run_id": parent.info.run_id, "members": children}
+    result = {"parent_run_id": parent.info.run_id, "members": children}
+    report_stage("deep_dream_sweep", result, parent.info.run_id, tracking.tracking_uri(base), base.experiment_name)
+    return result

@@ -13,7 +13,16 @@ from ddr import tracking
 from ddr.config import ExperimentConfig
 from ddr.stages import plots
 from flows.analysis import kinds_in_capture
-from flows.common import RETRY_DELAYS, TASK_RETRIES, gather, gpu_annotation, load, prefect_tags, task_runner
+from flows.common import (
+    RETRY_DELAYS,
+    TASK_RETRIES,
+    gather,
+    gpu_annotation,
+    load,
+    prefect_tags,
+    report_stage,
+    task_runner,
+)
 
 MLFLOW_SAMPLE = 8
 
@@ -52,4 +61,5 @@ def plots_flow(overrides: list[str] | None = None, config_file: str | None = Non
             result[kind] = {"plots": len(files), "index": str(index), "folder": str(Path(index).parent)}
         result["mlflow_run_id"] = run.info.run_id
     logger.info("plots done: %s", result)
+    report_stage("plots", result, result["mlflow_run_id"], tracking.tracking_uri(config), config.experiment_name)
     return result

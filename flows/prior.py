@@ -20,6 +20,7 @@ from flows.common import (
     gpu_annotation,
     load,
     prefect_tags,
+    report_stage,
     task_runner,
 )
 
@@ -61,4 +62,5 @@ def prior_flow(overrides: list[str] | None = None, config_file: str | None = Non
             result[kind] = {"store": str(path), "generated": generated, "skipped_channels": len(skipped)}
         result["mlflow_run_id"] = run.info.run_id
     logger.info("prior done: %s", result)
+    report_stage("prior", result, result["mlflow_run_id"], tracking.tracking_uri(config), config.experiment_name)
     return result

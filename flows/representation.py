@@ -11,7 +11,16 @@ from prefect.cache_policies import NO_CACHE
 from ddr import tracking
 from ddr.config import ExperimentConfig
 from ddr.stages import representation
-from flows.common import RETRY_DELAYS, TASK_RETRIES, gather, gpu_annotation, load, prefect_tags, task_runner
+from flows.common import (
+    RETRY_DELAYS,
+    TASK_RETRIES,
+    gather,
+    gpu_annotation,
+    load,
+    prefect_tags,
+    report_stage,
+    task_runner,
+)
 
 
 @task(name="representation-shard", retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
@@ -62,4 +71,7 @@ def representation_flow(overrides: list[str] | None = None, config_file: str | N
         result["manifest"] = str(manifest)
         result["mlflow_run_id"] = run.info.run_id
     logger.info("representation done: %s", result)
+    report_stage(
+        "representation", result, result.get("mlflow_run_id"), tracking.tracking_uri(config), config.experiment_name
+    )
     return result

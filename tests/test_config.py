@@ -88,8 +88,11 @@ def test_bad_values_name_key_value_and_allowed(override: list[str], message: str
         load_config(override)
 
 
-def test_every_group_file_validates() -> None:
+def test_every_group_file_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     from ddr.config import GROUP_FOLDERS, available
+
+    for name in ("PLG_GROUPS_STORAGE", "PLG_GROUP_NAME", "PLG_USERNAME"):
+        monkeypatch.setenv(name, "site")
 
     for group in ("model", "sae", "infrastructure", "robustness"):
         for name in available(group):
@@ -97,3 +100,16 @@ def test_every_group_file_validates() -> None:
     for name in available("dataset"):
         assert load_group("dataset", name)["name"] == name
     assert set(GROUP_FOLDERS) >= {"model", "sae", "dataset", "infrastructure", "robustness"}
+
+
+def test_infrastructure_overrides_need_their_site_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env here
+    for name in ("PLG_GROUPS_STORAGE", "PLG_GROUP_NAME", "PLG_USERNAME"):
+        monkeypatch.setenv(name, "")  # so that teardown restores the original state, even after .env set them
+        monkeypatch.delenv(name)
+    with pytest.raises(ConfigError, match=r"infrastructure.overrides.data_root: environment variable\(s\) PLG_GROUPS"):
+        load_config(["infrastructure=slurm-a100"])
+    (tmp_path / ".env").write_text("PLG_GROUPS_STORAGE=/groups\nPLG_GROUP_NAME=g\nPLG_USERNAME=u\n")
+    config = load_config(["infrastructure=slurm-a100"])
+    assert str(config.data_root) == "/groups/g/u/ddr"
+    assert config.stages.capture.num_images_per_prompt == 5
