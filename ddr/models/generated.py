@@ -63,8 +63,14 @@ def _text_encoder(hidden: int, layers: int, heads: int, intermediate: int, vocab
     return CLIPTextModel(config)
 
 
-def _save_pipeline(folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Path:
-    tokenizer = make_tokenizer(folder / "_tokenizer_src")
+def save_pipeline(
+    folder: Path,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+) -> Path:
+    """A StableDiffusionPipeline folder (safetensors) with SD's PNDM sampling scheduler and no safety checker."""
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -76,9 +82,16 @@ def _save_pipeline(folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    for p in (folder / "_tokenizer_src").iterdir():
+    return folder
+
+
+def _save_pipeline(folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Path:
+    """Saved with the generated character-level tokenizer (its source files are removed afterwards)."""
+    source = folder / "_tokenizer_src"
+    save_pipeline(folder, unet, vae, text_encoder, make_tokenizer(source))
+    for p in source.iterdir():
         p.unlink()
-    (folder / "_tokenizer_src").rmdir()
+    source.rmdir()
     return folder
 
 

@@ -41,11 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ddr.models import generated
 from ddr.models.generated import SD_SCHEDULER, SPECIAL_TOKENS, _byte_alphabet
 from ddr.toy import shapes
 
@@ -371,18 +372,7 @@ def save_pipeline(
     """
     if half:
         vae, unet = copy.deepcopy(vae).half(), copy.deepcopy(unet).half()
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=PNDMScheduler(**SD_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return generated.save_pipeline(folder, unet, vae, text_encoder, tokenizer)
 
 
 def _set_threads(threads: int) -> None:
