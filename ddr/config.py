@@ -337,6 +337,13 @@ class ExperimentConfig(Strict):
     def resolved_image_size(self) -> int:
         return self.image_size or self.model.image_size
 
+    def require_kind(self, kind: str) -> None:
+        """Fail clearly for an unknown kind, or for SAE features without an SAE."""
+        if kind not in ("raw", "sae"):
+            raise ConfigError(f"kind: {kind!r} is not a kind of activation; allowed: raw, sae")
+        if kind == "sae" and not (self.use_sae and self.sae is not None):
+            raise ConfigError("kind 'sae' needs an SAE: set use_sae=true and sae=<name>")
+
     @property
     def kinds(self) -> list[Literal["raw", "sae"]]:
         """The activation kinds this experiment records: raw channels, and SAE features if configured."""

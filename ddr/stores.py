@@ -50,6 +50,15 @@ class ExperimentLayout:
     def analysis_store(self, kind: Kind) -> Path:
         return self.analysis_dir() / f"{kind}.zarr"
 
+    def analysis_store_from(self, kind: Kind, folder: Path | None) -> Path:
+        """A `timestep_analysis_results_dir` setting (relative to the experiment folder or absolute; the store
+        itself or the folder holding `<kind>.zarr`) as a store path; None means this experiment's."""
+        if folder is None:
+            return self.analysis_store(kind)
+        folder = Path(folder).expanduser()
+        folder = folder if folder.is_absolute() else self.root / folder
+        return folder if folder.suffix == ".zarr" else folder / f"{kind}.zarr"
+
     def analysis_summary(self, kind: Kind) -> Path:
         return self.analysis_dir() / f"{kind}.summary.json"
 

@@ -70,7 +70,6 @@ from ddr.provision import asset_dir
 from ddr.stores import Kind
 
 log = logging.getLogger(__name__)
-KINDS: tuple[Kind, ...] = ("raw", "sae")
 DECODE_BATCH = 8
 FP16_LOSS_SCALE = 1024.0
 SELECTIVITY_RULE = (
@@ -116,16 +115,9 @@ class DreamPlan:
 # --- settings and paths -------------------------------------------------------------------------
 
 
-def _check_kind(config: ExperimentConfig, kind: str) -> None:
-    if kind not in KINDS:
-        raise ConfigError(f"kind: {kind!r} is not a kind of activation; allowed: {', '.join(KINDS)}")
-    if kind == "sae" and not (config.use_sae and config.sae is not None):
-        raise ConfigError("kind 'sae' needs an SAE: set use_sae=true and sae=<name>")
-
-
 def dream_settings(config: ExperimentConfig, kind: Kind) -> DeepDreamConfig:
     """The deep-dream settings for this kind (the `sae` block applied for SAE features)."""
-    _check_kind(config, kind)
+    config.require_kind(kind)
     settings = config.stages.deep_dream.for_kind(kind)
     if len(settings.seeds) < settings.n_results:
         raise ConfigError(
@@ -146,10 +138,7 @@ def _resolve_dir(config: ExperimentConfig, folder: Path) -> Path:
 
 def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:
     folder = dream_settings(config, kind).timestep_analysis_results_dir
-    if folder is None:
-        return stores.ExperimentLayout(config.experiment_dir).analysis_store(kind)
-    folder = _resolve_dir(config, folder)
-    return folder if folder.suffix == ".zarr" else folder / f"{kind}.zarr"
+    return stores.ExperimentLayout(config.experiment_dir).analysis_store_from(kind, folder)
 
 
 def prior_store_path(config: ExperimentConfig, kind: Kind) -> Path:

@@ -43,13 +43,7 @@ def _settings(config: ExperimentConfig, kind: Kind) -> PlotsConfig:
 def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:
     """`stages.plots.timestep_analysis_results_dir`/<kind>.zarr (default: this experiment's analysis)."""
     folder = _settings(config, kind).timestep_analysis_results_dir
-    layout = stores.ExperimentLayout(config.experiment_dir)
-    if folder is None:
-        return layout.analysis_store(kind)
-    folder = Path(folder).expanduser()
-    if not folder.is_absolute():
-        folder = config.experiment_dir / folder
-    return folder if folder.suffix == ".zarr" else folder / f"{kind}.zarr"
+    return stores.ExperimentLayout(config.experiment_dir).analysis_store_from(kind, folder)
 
 
 def plot_path(config: ExperimentConfig, kind: Kind, channel: int, animated: bool) -> Path:

@@ -53,7 +53,6 @@ from ddr.stages.capture import generate, layer_width, sae_width, scheduler_times
 from ddr.stores import Kind
 
 log = logging.getLogger(__name__)
-KINDS: tuple[Kind, ...] = ("raw", "sae")
 PROMPT = ""
 GUIDANCE_SCALE = 1.0
 DECODE_BATCH = 8
@@ -89,26 +88,16 @@ class PriorSchedule:
 # --- schedule ----------------------------------------------------------------------------------
 
 
-def _check_kind(config: ExperimentConfig, kind: str) -> None:
-    if kind not in KINDS:
-        raise ConfigError(f"kind: {kind!r} is not a kind of activation; allowed: {', '.join(KINDS)}")
-    if kind == "sae" and not (config.use_sae and config.sae is not None):
-        raise ConfigError("kind 'sae' needs an SAE: set use_sae=true and sae=<name>")
-
-
 def prior_settings(config: ExperimentConfig, kind: Kind) -> PriorConfig:
     """The prior settings for this kind (the `sae` block applied for SAE features)."""
-    _check_kind(config, kind)
+    config.require_kind(kind)
     return config.stages.prior.for_kind(kind)  # type: ignore[return-value]
 
 
 def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:
     """`timestep_analysis_results_dir` (relative to the experiment folder, or absolute) or this experiment's."""
     folder = prior_settings(config, kind).timestep_analysis_results_dir
-    if folder is None:
-        return stores.ExperimentLayout(config.experiment_dir).analysis_store(kind)
-    folder = folder if folder.is_absolute() else config.experiment_dir / folder
-    return folder if folder.suffix == ".zarr" else folder / f"{kind}.zarr"
+    return stores.ExperimentLayout(config.experiment_dir).analysis_store_from(kind, folder)
 
 
 def open_analysis(config: ExperimentConfig, kind: Kind) -> xr.Dataset:
