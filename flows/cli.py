@@ -40,6 +40,7 @@ DEMO_OVERRIDES = [
     "stages.capture.batch_size=25",
     "stages.timestep_analysis.top_k=8",
     "stages.prior.end_channel=8",
+    "stages.prior.steer_strength_scale=1000",  # toy-shapes' raw channels need a stronger push than SD's 50
     "stages.prior.n_results=3",
     "stages.prior.channels_per_batch=8",
     "stages.deep_dream.end_channel=4",
