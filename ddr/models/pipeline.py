@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import diffusers
@@ -84,3 +85,12 @@ def load_experiment_sae(config: ExperimentConfig) -> SparseAutoencoder | None:
     folder = require(asset_dir(config, "saes", config.sae.name), f"SAE {config.sae.name!r}")
     device = resolve_device(config.infrastructure)
     return _load_sae(str(folder), config.sae.hookpoint, str(device))
+
+
+@torch.no_grad()
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
+    """Final latents through the pipeline's VAE, `batch` at a time (bounds the decoder's memory)."""
+    vae = pipe.vae
+    for start in range(0, latents.shape[0], batch):
+        chunk = latents[start : start + batch].to(pipe.device, vae.dtype) / vae.config.scaling_factor
+        yield vae.decode(chunk, return_dict=False)[0]

@@ -65,7 +65,7 @@ from ddr.dream.objectives import (
 )
 from ddr.dream.optimise import DreamResult, DreamSettings, optimise
 from ddr.dream.regularisers import penalties_from_config
-from ddr.models.pipeline import load_experiment_sae, load_pipeline, model_dir
+from ddr.models.pipeline import decode_latents, load_experiment_sae, load_pipeline, model_dir
 from ddr.provision import asset_dir
 from ddr.stores import Kind
 
@@ -458,11 +458,9 @@ def noise_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
 @torch.no_grad()
 def decode_minmax(pipe: Any, latents: torch.Tensor, batch: int = DECODE_BATCH) -> list[Image.Image]:
     """Latents -> RGB images with the pipeline's VAE, each min-max normalised to [0, 255]."""
-    vae = pipe.vae
     images: list[Image.Image] = []
-    for start in range(0, latents.shape[0], batch):
-        chunk = latents[start : start + batch].to(pipe.device, vae.dtype) / vae.config.scaling_factor
-        decoded = vae.decode(chunk, return_dict=False)[0].float()
+    for decoded in decode_latents(pipe, latents, batch):
+        decoded = decoded.float()
         low = decoded.flatten(1).amin(1).view(-1, 1, 1, 1)
         high = decoded.flatten(1).amax(1).view(-1, 1, 1, 1)
         scaled = ((decoded - low) / (high - low).clamp_min(1e-8)).nan_to_num(0.0)

@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw
 from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig, PriorConfig
 from ddr.hooks import SteeringHook, TimestepTracker, hooked
-from ddr.models.pipeline import load_experiment_sae, load_pipeline
+from ddr.models.pipeline import decode_latents, load_experiment_sae, load_pipeline
 from ddr.stages.capture import generate, layer_width, sae_width, scheduler_timesteps
 from ddr.stores import Kind
 
@@ -441,11 +441,8 @@ def steered_latents(
 @torch.no_grad()
 def decode_images(pipe: Any, latents: torch.Tensor, batch: int = DECODE_BATCH) -> list[Image.Image]:
     """Final latents -> PIL images with the pipeline's VAE, `batch` at a time."""
-    vae = pipe.vae
     images: list[Image.Image] = []
-    for start in range(0, latents.shape[0], batch):
-        chunk = latents[start : start + batch].to(pipe.device, vae.dtype) / vae.config.scaling_factor
-        decoded = vae.decode(chunk, return_dict=False)[0]
+    for decoded in decode_latents(pipe, latents, batch):
         images.extend(pipe.image_processor.postprocess(decoded, output_type="pil"))
     return images
 
