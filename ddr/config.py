@@ -204,11 +204,34 @@ class PriorConfig(ChannelSelection):
     channels_per_shard: int = Field(16, gt=0)
     log_every_n_steps: int = Field(10, gt=0)
     timestep_analysis_results_dir: Path | None = None
+    steer_mode: Literal["add", "replace", "cfg_aware", "ablate"] = Field(
+        "add",
+        description="add: +s*direction; replace: the channel (SAE code) becomes s; cfg_aware: +s on the conditional, "
+        "-s on the unconditional CFG half; ablate: remove the feature (SAE error kept; raw: channel = 0; no strength)",
+    )
+    steer_start_t: int | None = Field(None, ge=0, description="steer only at calls with t <= this (None: no limit)")
+    steer_end_t: int | None = Field(None, ge=0, description="steer only at calls with t >= this (None: no limit)")
+    prompt: str = Field("", description="the prompt of every generation (prompt_source=prompt)")
+    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the generations (> 1: on)")
+    prompt_source: Literal["prompt", "top_examples"] = Field(
+        "prompt",
+        description="prompt: `prompt` with `seeds`; top_examples: result k regenerates the channel's k-th top "
+        "dataset example (its capture prompt and seed) at its peak call",
+    )
 
     @model_validator(mode="after")
     def _enough_seeds(self) -> PriorConfig:
-        if len(self.seeds) < self.n_results:
+        if self.prompt_source == "prompt" and len(self.seeds) < self.n_results:
             raise ValueError(f"n_results ({self.n_results}) needs at least that many seeds, got {len(self.seeds)}")
+        if self.steer_start_t is not None and self.steer_end_t is not None and self.steer_start_t < self.steer_end_t:
+            raise ValueError(
+                f"steer_start_t ({self.steer_start_t}) must be >= steer_end_t ({self.steer_end_t}): denoising runs "
+                "from high t to low t, so the window starts at the larger t"
+            )
+        if self.steer_mode == "cfg_aware" and self.guidance_scale <= 1.0:
+            raise ValueError(
+                f"steer_mode=cfg_aware needs classifier-free guidance: guidance_scale > 1 (got {self.guidance_scale})"
+            )
         return self
 
 
@@ -216,9 +239,34 @@ TimestepChoice = int | Literal["activity_peaks", "active_timesteps"]
 
 
 class DeepDreamConfig(ChannelSelection):
-    objective: Literal["channel_mean", "sae_mean", "sae_pre_activation_mean"] | None = Field(
-        None, description="what is maximised (None: channel_mean for raw channels, sae_mean for SAE features)"
+    objective: Literal["channel_mean", "sae_mean", "sae_pre_activation_mean", "sae_dot_cosine"] | None = Field(
+        None,
+        description="what is maximised (None: channel_mean for raw channels, sae_mean for SAE features; "
+        "sae_pre_activation_mean and sae_dot_cosine give a dead-at-start feature a gradient)",
     )
+    cosine_power: float = Field(
+        1.0, ge=0, description="p of sae_dot_cosine: dot x max(cosine, 0.1)^p with the decoder direction"
+    )
+    negative: bool = Field(False, description="minimise the activation instead (the negative view)")
+    diversity_penalty_weight: float = Field(
+        0.0, ge=0, description="weight of the Gram-matrix diversity penalty over a target's n_results samples"
+    )
+    start_from: Literal["prior", "noise", "example"] | None = Field(
+        None, description="start latents (None: use_prior decides); example: the channel's top dataset examples"
+    )
+    seed_distance_penalty_weight: float = Field(
+        0.0, ge=0, description="weight of the mean squared distance of the latent to its start latent"
+    )
+    seed_distance_max: float | None = Field(
+        None, gt=0, description="project each step's latent into this L2 ball around its start latent (None: off)"
+    )
+    parameterisation: Literal["latent", "phase_fourier"] = Field(
+        "latent", description="latent: optimise the latent; phase_fourier: its Fourier phase, magnitude fixed"
+    )
+    spectrum_source: Literal["capture", "prior"] = Field(
+        "capture", description="phase_fourier's magnitude: mean spectrum of the capture images' or the priors' latents"
+    )
+    spectrum_max_images: int = Field(64, gt=0, description="latents averaged into phase_fourier's magnitude")
     timesteps: list[TimestepChoice] = Field(default_factory=lambda: [0, "activity_peaks"])
     use_just_one_timestep: bool = False
     see_through_schedule_noise: bool = True
@@ -262,6 +310,21 @@ class DeepDreamConfig(ChannelSelection):
         return v
 
 
+class HeatmapsConfig(ChannelSelection):
+    top_examples: int = Field(
+        4, gt=0, description="ranked dataset examples mapped per peak (at most the analysis store's top_examples)"
+    )
+    peaks: int = Field(1, gt=0, description="the channel's highest peaks mapped (at most the analysis's peak count)")
+    include_priors: bool = Field(True, description="also map each prior result, noised to the channel's first peak")
+    samples_per_batch: int = Field(8, gt=0, description="samples per pipeline call (and prior maps per UNet forward)")
+    channels_per_shard: int = Field(
+        256, gt=0, description="channels per task; a task regenerates each of its channels' samples once"
+    )
+    timestep_analysis_results_dir: Path | None = Field(None, description="default: this experiment's analysis")
+    prior_results_dir: Path | None = Field(None, description="a priors.zarr or prior folder (default: this experiment)")
+    overlay_alpha: float = Field(0.5, ge=0, le=1, description="opacity of the heat colour map over the image")
+
+
 class RepresentationConfig(Strict):
     timestep_analysis_results_dir: Path | None = None
     prior_results_dir: Path | None = None
@@ -270,13 +333,53 @@ class RepresentationConfig(Strict):
     channels_per_shard: int = Field(512, gt=0)
 
 
+class ConceptSearchConfig(Overridable):
+    concepts: list[str] = Field(
+        default_factory=list,
+        description="phrases; a concept's samples are the capture prompts holding the phrase as whole words "
+        "(any case), the rest are the other samples ([]: nothing to search)",
+    )
+    concept_prompts: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="named prompt lists; captured samples of these prompts are the concept, prompts not in the "
+        "dataset are generated with the capture settings (samples_per_prompt seeds each)",
+    )
+    samples_per_prompt: int = Field(4, gt=0, description="samples generated per concept prompt not in the dataset")
+    top: int = Field(50, gt=0, description="channels listed in each concept's JSON summary")
+    chunk_samples: int | None = Field(
+        None, gt=0, description="samples read per chunk: bounds memory (None: stages.timestep_analysis.chunk_samples)"
+    )
+    capture_results_dir: Path | None = Field(
+        None, description="capture folder to read (relative to the experiment folder or absolute; default: capture)"
+    )
+
+    @model_validator(mode="after")
+    def _named_concepts(self) -> ConceptSearchConfig:
+        names = [*self.concepts, *self.concept_prompts]
+        blank = [c for c in names if not c.strip()]
+        if blank:
+            raise ValueError(f"concept names must not be blank (got {blank})")
+        repeated = sorted({c for c in names if names.count(c) > 1})
+        if repeated:
+            raise ValueError(f"concepts {repeated} are named more than once (in concepts or concept_prompts)")
+        empty = sorted(n for n, ps in self.concept_prompts.items() if not ps or not all(map(str.strip, ps)))
+        if empty:
+            raise ValueError(f"concept_prompts {empty}: each needs a list of non-blank prompts")
+        shared = sorted(set(self.sae) - {"top", "chunk_samples"})
+        if shared:
+            raise ValueError(f"sae block: {shared} are the same for both kinds; allowed: ['chunk_samples', 'top']")
+        return self
+
+
 class StagesConfig(Strict):
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     timestep_analysis: TimestepAnalysisConfig = Field(default_factory=TimestepAnalysisConfig)
+    heatmaps: HeatmapsConfig = Field(default_factory=HeatmapsConfig)
     plots: PlotsConfig = Field(default_factory=PlotsConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig)
     deep_dream: DeepDreamConfig = Field(default_factory=DeepDreamConfig)
     representation: RepresentationConfig = Field(default_factory=RepresentationConfig)
+    concept_search: ConceptSearchConfig = Field(default_factory=ConceptSearchConfig)
 
 
 class InfrastructureConfig(Strict):

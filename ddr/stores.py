@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +67,29 @@ class ExperimentLayout:
     def plots_dir(self, kind: Kind) -> Path:
         return self.root / "plots" / kind
 
+    def heatmap_dir(self, kind: Kind) -> Path:
+        """`heatmaps/<kind>/`: overlay PNGs and done markers beside the store `heatmaps/<kind>.zarr`."""
+        return self.root / "heatmaps" / kind
+
+    def heatmap_store(self, kind: Kind) -> Path:
+        return self.root / "heatmaps" / f"{kind}.zarr"
+
     def prior_dir(self, kind: Kind) -> Path:
         return self.root / "prior" / kind
 
     def prior_store(self, kind: Kind) -> Path:
         return self.prior_dir(kind) / "priors.zarr"
+
+    def prior_store_from(self, kind: Kind, folder: Path | None) -> Path:
+        """A `prior_results_dir` setting (relative to the experiment folder or absolute: a priors.zarr, a
+        `prior/<kind>` folder or a `prior` folder) as a store path; None means this experiment's."""
+        if folder is None:
+            return self.prior_store(kind)
+        folder = Path(folder).expanduser()
+        folder = folder if folder.is_absolute() else self.root / folder
+        if folder.suffix == ".zarr":
+            return folder
+        return folder / "priors.zarr" if (folder / "priors.zarr").exists() else folder / kind / "priors.zarr"
 
     def dream_dir(self, run: str, kind: Kind) -> Path:
         return self.root / "dream" / run / kind
@@ -77,9 +97,38 @@ class ExperimentLayout:
     def dream_store(self, run: str, kind: Kind) -> Path:
         return self.dream_dir(run, kind) / "dreams.zarr"
 
+    def spectrum_store(self, source: str, kind: Kind | None = None) -> Path:
+        """`spectrum/<source>[_<kind>].zarr`: the cached mean latent spectrum of phase-only dreams (not under
+        `dream/`, whose folders are runs)."""
+        return self.root / "spectrum" / (f"{source}_{kind}.zarr" if kind else f"{source}.zarr")
+
     @property
     def representation_dir(self) -> Path:
         return self.root / "representation"
+
+    def capture_store_from(self, folder: Path | None) -> Path:
+        """A `capture_results_dir` setting (relative to the experiment folder or absolute; the store itself or
+        the folder holding `activations.zarr`) as a store path; None means this experiment's."""
+        if folder is None:
+            return self.capture_store
+        folder = Path(folder).expanduser()
+        folder = folder if folder.is_absolute() else self.root / folder
+        return folder if folder.suffix == ".zarr" else folder / "activations.zarr"
+
+    def concepts_dir(self, kind: Kind) -> Path:
+        return self.root / "concepts" / kind
+
+    def concept_store(self, kind: Kind, concept: str) -> Path:
+        """`concepts/<kind>/<slug>.zarr`: the concept's scores for every channel (or SAE feature)."""
+        return self.concepts_dir(kind) / f"{concept_slug(concept)}.zarr"
+
+    def concept_summary(self, kind: Kind, concept: str) -> Path:
+        """`concepts/<kind>/<slug>.json`: its top list; written last, so it marks the store complete."""
+        return self.concepts_dir(kind) / f"{concept_slug(concept)}.json"
+
+    def concept_generated_store(self, concept: str) -> Path:
+        """`concepts/generated/<slug>.zarr`: the capture-store layout for a concept's prompts not in the dataset."""
+        return self.root / "concepts" / "generated" / f"{concept_slug(concept)}.zarr"
 
 
 def consolidate(path: Path) -> None:
@@ -293,7 +342,18 @@ PRIOR_ARRAYS: dict[str, tuple[str, ...]] = {
     "seed": ("result",),
     "strength": ("channel", "timestep"),
     "steered": ("channel", "timestep"),
+    # steer_mode=ablate only: the unsteered generation with the same prompt and seed, and the mean absolute
+    # difference (0..1 pixels) of the decoded ablated and baseline images
+    "baseline_latent": ("channel", "result", "latent_channel", "y", "x"),
+    "effect": ("channel", "result"),
+    # prompt_source=top_examples only: the capture sample each result regenerates (its seed and prompt), and the
+    # analysis call whose `top_sample` ranking they come from
+    "example_sample": ("channel", "result"),
+    "example_seed": ("channel", "result"),
+    "example_prompt": ("channel", "result"),
+    "example_call": ("channel",),
 }
+PRIOR_EXAMPLE_ARRAYS = ("example_sample", "example_seed", "example_prompt", "example_call")
 
 
 def prior_images_dir(layout: ExperimentLayout, kind: Kind) -> Path:
@@ -302,6 +362,11 @@ def prior_images_dir(layout: ExperimentLayout, kind: Kind) -> Path:
 
 def prior_image_path(layout: ExperimentLayout, kind: Kind, channel: int, result: int) -> Path:
     return prior_images_dir(layout, kind) / f"channel_{channel:05d}_result_{result}.png"
+
+
+def prior_baseline_image_path(layout: ExperimentLayout, kind: Kind, channel: int, result: int) -> Path:
+    """The unablated generation beside an ablated result (steer_mode=ablate)."""
+    return prior_images_dir(layout, kind) / f"channel_{channel:05d}_result_{result}_baseline.png"
 
 
 def prior_contact_sheet_path(layout: ExperimentLayout, kind: Kind, channels: list[int]) -> Path:
@@ -324,24 +389,36 @@ def create_prior_store(
     steered: np.ndarray,
     latent_shape: tuple[int, int, int],
     attrs: dict[str, Any],
+    baseline: bool = False,
+    examples: dict[str, np.ndarray] | None = None,
 ) -> zarr.Group:
-    """Lay out `prior/<kind>/priors.zarr`: `latent` NaN until shards write it, chunked 1 along channel."""
+    """Lay out `prior/<kind>/priors.zarr`: `latent` NaN until shards write it, chunked 1 along channel.
+
+    `baseline` adds `baseline_latent` and `effect` (ablation); `examples` the `example_*` arrays
+    (prompt_source=top_examples), written here once.
+    """
     n, n_results = len(channels), len(seeds)
     group = zarr.open_group(str(path), mode="w", attributes=attrs)
-    _array(
-        group,
-        "latent",
-        (n, n_results, *latent_shape),
-        list(PRIOR_ARRAYS["latent"]),
-        chunks=(1, n_results, *latent_shape),
-        dtype="float32",
-        fill_value=np.nan,
-        attributes={"coordinates": "seed"},
-    )
+    for name in ("latent", "baseline_latent") if baseline else ("latent",):
+        _array(
+            group,
+            name,
+            (n, n_results, *latent_shape),
+            list(PRIOR_ARRAYS[name]),
+            chunks=(1, n_results, *latent_shape),
+            dtype="float32",
+            fill_value=np.nan,
+            attributes={"coordinates": "seed"},
+        )
+    if baseline:
+        dims = list(PRIOR_ARRAYS["effect"])
+        _array(group, "effect", (n, n_results), dims, chunks=(1, n_results), dtype="float32", fill_value=np.nan)
     # Written once by prepare (not by shards), so these may share chunks across channels.
     table = (max(1, min(n, 1024)), len(timesteps))
     _array(group, "strength", np.asarray(strength, dtype=np.float32), ["channel", "timestep"], chunks=table)
     _array(group, "steered", np.asarray(steered, dtype=bool), ["channel", "timestep"], chunks=table)
+    for name, data in (examples or {}).items():
+        _array(group, name, data, list(PRIOR_ARRAYS[name]))
     _array(group, "seed", np.asarray(seeds, dtype=np.int64), ["result"])
     _array(group, "channel", np.asarray(channels, dtype=np.int64), ["channel"], chunks=(max(n, 1),))
     _array(group, "timestep", np.asarray(timesteps, dtype=np.int64), ["timestep"])
@@ -349,15 +426,25 @@ def create_prior_store(
     return group
 
 
-def append_prior_channels(path: Path, channels: np.ndarray, strength: np.ndarray, steered: np.ndarray) -> None:
-    """Grow the store by rows for `channels` (latent NaN until written); rewrites the channel coordinate."""
+def append_prior_channels(
+    path: Path,
+    channels: np.ndarray,
+    strength: np.ndarray,
+    steered: np.ndarray,
+    examples: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Grow the store by rows for `channels` (latents NaN until written); rewrites the channel coordinate."""
     group = open_store(path, mode="r+")
     old = group["channel"][:]
     n, added = len(old), len(channels)
-    for name in ("latent", "strength", "steered"):
-        group[name].resize((n + added, *group[name].shape[1:]))
-    group["strength"][n:] = np.asarray(strength, dtype=np.float32)
-    group["steered"][n:] = np.asarray(steered, dtype=bool)
+    grown = {"strength": np.asarray(strength, dtype=np.float32), "steered": np.asarray(steered, dtype=bool)}
+    grown.update(examples or {})
+    for name in ("latent", "baseline_latent", "effect", *grown):
+        if name in group:
+            array = group[name]  # one handle: the group's (consolidated) metadata still has the old shape
+            array.resize((n + added, *array.shape[1:]))
+            if name in grown:
+                array[n:] = grown[name]
     ids = np.concatenate([old, np.asarray(channels, dtype=np.int64)])
     del group["channel"]
     _array(group, "channel", ids, ["channel"], chunks=(len(ids),))
@@ -367,6 +454,12 @@ def append_prior_channels(path: Path, channels: np.ndarray, strength: np.ndarray
 def write_prior_latents(group: zarr.Group, row: int, latents: np.ndarray) -> None:
     """One channel's latents [result, latent_channel, y, x]: exactly one chunk."""
     group["latent"][row] = latents.astype(np.float32, copy=False)
+
+
+def write_prior_baseline(group: zarr.Group, row: int, latents: np.ndarray, effect: np.ndarray) -> None:
+    """One channel's unablated latents and the ablation's effect per result: one chunk each."""
+    group["baseline_latent"][row] = latents.astype(np.float32, copy=False)
+    group["effect"][row] = effect.astype(np.float32, copy=False)
 
 
 def mark_prior_channel_done(folder: Path, channel: int, info: dict[str, Any]) -> None:
@@ -395,6 +488,11 @@ DREAM_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any]] = {
     "selectivity": (("target", "result"), "float32", np.nan),
     "failed_step": (("target", "result"), "int64", -1),
     "history_activation": (("target", "result", "step"), "float32", np.nan),
+    # summed |d activation / d latent| over the steps, on the latent's grid
+    "attribution": (("target", "result", "latent_channel", "y", "x"), "float32", np.nan),
+    "seed_distance": (("target", "result"), "float32", np.nan),  # L2 of final latent - start latent
+    "start_sample": (("target", "result"), "int64", -1),  # capture sample the start came from; -1: none
+    "diversity": (("target",), "float32", np.nan),  # mean pairwise Gram cosine of the final results
 }
 DREAM_COORDS = "target_channel target_t"
 
@@ -413,6 +511,18 @@ def dream_snapshot_path(
     """An intermediate result (the latent at the start of `step`), decoded."""
     name = f"channel_{channel:05d}_t_{t:04d}_result_{result}_step_{step:04d}.png"
     return dream_images_dir(layout, run, kind) / "snapshots" / name
+
+
+def dream_attribution_path(layout: ExperimentLayout, run: str, kind: Kind, channel: int, t: int, result: int) -> Path:
+    """The final image with its accumulated attribution as a heat overlay."""
+    name = f"channel_{channel:05d}_t_{t:04d}_result_{result}.png"
+    return dream_images_dir(layout, run, kind) / "attribution" / name
+
+
+def dream_start_image_path(layout: ExperimentLayout, run: str, kind: Kind, channel: int, t: int, result: int) -> Path:
+    """The decoded start latent of an accentuation (a run started from dataset examples)."""
+    name = f"channel_{channel:05d}_t_{t:04d}_result_{result}.png"
+    return dream_images_dir(layout, run, kind) / "start" / name
 
 
 def dream_contact_sheet_path(layout: ExperimentLayout, run: str, kind: Kind, channels: list[int]) -> Path:
@@ -511,3 +621,236 @@ def dream_done_channels(folder: Path) -> set[int]:
     if not folder.is_dir():
         return set()
     return {int(p.stem.split("_")[1]) for p in folder.glob("channel_*.json")}
+
+
+# --- heatmaps ---------------------------------------------------------------------------------
+
+# name -> (dims, dtype, fill) of `heatmaps/<kind>.zarr` (DESIGN.md). Maps are written by shards, chunked 1
+# along channel; the tables are written once by prepare (before any shard), one chunk each.
+HEATMAP_MAPS: dict[str, tuple[tuple[str, ...], str, Any]] = {
+    "example_map": (("channel", "peak", "rank", "y", "x"), "float32", np.nan),
+    "prior_map": (("channel", "result", "y", "x"), "float32", np.nan),
+}
+HEATMAP_TABLES: dict[str, tuple[tuple[str, ...], str, Any]] = {
+    "example_sample": (("channel", "peak", "rank"), "int64", -1),
+    "example_call": (("channel", "peak"), "int64", -1),
+    "peak_t": (("channel", "peak"), "int64", -1),
+    "prior_t": (("channel",), "int64", -1),
+}
+HeatmapPart = Literal["examples", "priors"]
+
+
+def heatmap_overlay_path(layout: ExperimentLayout, kind: Kind, channel: int, peak: int, rank: int) -> Path:
+    return layout.heatmap_dir(kind) / "overlays" / f"channel_{channel:05d}_peak_{peak}_rank_{rank}.png"
+
+
+def heatmap_prior_overlay_path(layout: ExperimentLayout, kind: Kind, channel: int, result: int) -> Path:
+    return layout.heatmap_dir(kind) / "overlays" / f"prior_channel_{channel:05d}_result_{result}.png"
+
+
+def heatmap_done_dir(layout: ExperimentLayout, kind: Kind) -> Path:
+    """Markers: `channel_NNNNN.json` once a channel's example maps and overlays are written,
+    `prior_channel_NNNNN.json` once its prior maps and overlays are."""
+    return layout.heatmap_dir(kind) / "done"
+
+
+def _heatmap_array(group: zarr.Group, name: str, sizes: dict[str, int], table: bool) -> None:
+    dims, dtype, fill = (HEATMAP_TABLES if table else HEATMAP_MAPS)[name]
+    shape = tuple(sizes[d] for d in dims)
+    chunks = (max(shape[0], 1), *shape[1:]) if table else (1, *(max(s, 1) for s in shape[1:]))
+    _array(group, name, shape, list(dims), chunks=chunks, dtype=dtype, fill_value=fill)
+
+
+def create_heatmap_store(
+    path: Path,
+    *,
+    channels: np.ndarray,
+    peaks: int,
+    ranks: int,
+    results: int,
+    map_shape: tuple[int, int],
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    """Lay out `heatmaps/<kind>.zarr` with a row per channel: maps NaN and tables -1 until written."""
+    sizes = {"channel": len(channels), "peak": peaks, "rank": ranks, "result": results}
+    sizes |= {"y": map_shape[0], "x": map_shape[1]}
+    group = zarr.open_group(str(path), mode="w", attributes=attrs)
+    for name in HEATMAP_MAPS:
+        _heatmap_array(group, name, sizes, table=False)
+    for name in HEATMAP_TABLES:
+        _heatmap_array(group, name, sizes, table=True)
+    _array(group, "channel", np.asarray(channels, dtype=np.int64), ["channel"])
+    for dim in ("peak", "rank", "result"):
+        _array(group, dim, np.arange(sizes[dim], dtype=np.int64), [dim])
+    consolidate(path)
+    return group
+
+
+def reset_heatmap_priors(layout: ExperimentLayout, kind: Kind, results: int) -> None:
+    """Lay `prior_map` out again for `results` prior results per channel (NaN), `prior_t` as -1, and remove
+    the prior markers and overlays (the prior maps are then made again from another prior store)."""
+    stale = [*heatmap_done_dir(layout, kind).glob("prior_*.json")]
+    stale += (layout.heatmap_dir(kind) / "overlays").glob("prior_*.png")
+    for file in stale:
+        file.unlink()
+    path = layout.heatmap_store(kind)
+    group = open_store(path, mode="r+")
+    channels, _, y, x = group["prior_map"].shape
+    sizes = {"channel": channels, "result": results, "y": y, "x": x}
+    for name in ("prior_map", "prior_t", "result"):
+        del group[name]
+    _heatmap_array(group, "prior_map", sizes, table=False)
+    _heatmap_array(group, "prior_t", sizes, table=True)
+    _array(group, "result", np.arange(results, dtype=np.int64), ["result"])
+    consolidate(path)
+
+
+def write_heatmap_tables(group: zarr.Group, rows: np.ndarray, tables: dict[str, np.ndarray]) -> None:
+    """Rows of the per-channel tables (prepare only: the tables are single chunks)."""
+    unknown = set(tables) - set(HEATMAP_TABLES)
+    if unknown:
+        raise ValueError(f"write_heatmap_tables: unknown arrays {sorted(unknown)}")
+    for name, data in tables.items():
+        group[name].oindex[np.asarray(rows, dtype=np.int64)] = data.astype(group[name].dtype, copy=False)
+
+
+def write_heatmap_maps(group: zarr.Group, name: str, row: int, maps: np.ndarray) -> None:
+    """One channel's `example_map` [peak, rank, y, x] or `prior_map` [result, y, x]: exactly one chunk."""
+    group[name][row] = maps.astype(np.float32, copy=False)
+
+
+def heatmap_marker_path(layout: ExperimentLayout, kind: Kind, part: HeatmapPart, channel: int) -> Path:
+    prefix = "prior_" if part == "priors" else ""
+    return heatmap_done_dir(layout, kind) / f"{prefix}channel_{channel:05d}.json"
+
+
+def mark_heatmap_done(
+    layout: ExperimentLayout, kind: Kind, part: HeatmapPart, channel: int, info: dict[str, Any]
+) -> None:
+    """Atomically record that a channel's example (or prior) maps and overlays are written."""
+    path = heatmap_marker_path(layout, kind, part, channel)
+    _mark(path.parent, path.stem, info)
+
+
+def heatmap_done_channels(layout: ExperimentLayout, kind: Kind, part: HeatmapPart) -> set[int]:
+    folder = heatmap_done_dir(layout, kind)
+    if not folder.is_dir():
+        return set()
+    pattern = "prior_channel_*.json" if part == "priors" else "channel_*.json"
+    return {int(p.stem.rsplit("_", 1)[1]) for p in folder.glob(pattern)}
+
+
+# --- concepts ---------------------------------------------------------------------------------
+
+_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+# name -> dims of `concepts/<kind>/<slug>.zarr` (README); "channel" is named "feature" for SAE features, as in
+# the capture store. `ranking` holds channel ids in rank order (highest mean_score first); `rank` is its coordinate.
+CONCEPT_ARRAYS: dict[str, tuple[str, ...]] = {
+    "score": ("channel", "timestep"),
+    "mean_concept": ("channel", "timestep"),
+    "mean_rest": ("channel", "timestep"),
+    "mean_score": ("channel",),
+    "ranking": ("rank",),
+}
+
+
+def concept_slug(concept: str) -> str:
+    """A concept's file name: each run of characters other than letters, digits, _ and - becomes one _."""
+    slug = _SLUG_UNSAFE.sub("_", concept).strip("_")
+    if not slug:
+        raise ValueError(f"concept {concept!r} has no letters or digits to name its files by")
+    return slug
+
+
+def write_concept_store(
+    path: Path,
+    *,
+    dim: str,
+    channels: np.ndarray,
+    timesteps: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    attrs: dict[str, Any],
+) -> None:
+    """Write the whole store under a temporary name, then rename it into place, so it is never half written."""
+    missing = set(CONCEPT_ARRAYS) - set(arrays)
+    if missing:
+        raise ValueError(f"write_concept_store: missing arrays {sorted(missing)}")
+    partial = path.with_name(path.name + ".partial")
+    for stale in (partial, path):
+        if stale.exists():
+            shutil.rmtree(stale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(partial), mode="w", attributes=attrs)
+    for name, dims in CONCEPT_ARRAYS.items():
+        dtype = np.int64 if name == "ranking" else np.float32
+        named = [dim if d == "channel" else d for d in dims]
+        _array(group, name, np.asarray(arrays[name], dtype=dtype), named)
+    _array(group, dim, np.asarray(channels, dtype=np.int64), [dim])
+    _array(group, "timestep", np.asarray(timesteps, dtype=np.int64), ["timestep"])
+    _array(group, "rank", np.arange(len(arrays["ranking"]), dtype=np.int64), ["rank"])
+    consolidate(partial)
+    partial.rename(path)
+
+
+def write_generated_concept_store(
+    path: Path,
+    *,
+    prompts: list[str],
+    seeds: np.ndarray,
+    timesteps: np.ndarray,
+    raw: np.ndarray,
+    sae: np.ndarray | None,
+    attrs: dict[str, Any],
+) -> None:
+    """A concept's generated samples in the capture-store layout, written whole under a temporary name and
+    renamed into place (so an interrupted generation never leaves a store that looks complete)."""
+    partial = path.with_name(path.name + ".partial")
+    for stale in (partial, path):
+        if stale.exists():
+            shutil.rmtree(stale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = create_capture_store(
+        partial,
+        prompts=prompts,
+        seeds=seeds,
+        images=[""] * len(prompts),
+        timesteps=timesteps,
+        n_channels=raw.shape[2],
+        n_features=None if sae is None else sae.shape[2],
+        chunk_samples=max(1, len(prompts)),
+        dtype="float32",
+        attrs=attrs,
+    )
+    write_capture_rows(group, 0, raw, sae)
+    partial.rename(path)
+
+
+def write_concept_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Atomically write a concept's JSON summary (after its store: the summary marks the concept done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    tmp.replace(path)
+
+
+# --- latent spectrum (phase-only dreams) --------------------------------------------------------
+
+
+def write_spectrum_store(path: Path, magnitude: np.ndarray, key: str, attrs: dict[str, Any]) -> None:
+    """`magnitude` (latent_channel, y, kx) float32; `key` (what decided it) is written last, so a store a
+    crash left without it never matches and is recomputed. Write it from one process (not from every shard)."""
+    group = zarr.open_group(str(path), mode="w", attributes=attrs)
+    _array(group, "magnitude", np.asarray(magnitude, dtype=np.float32), ["latent_channel", "y", "kx"])
+    group.attrs["key"] = key
+    consolidate(path)
+
+
+def read_spectrum_store(path: Path, key: str) -> np.ndarray | None:
+    """The cached magnitude when `path` holds one made with `key`; None when absent or stale."""
+    if not Path(path).exists():
+        return None
+    group = open_store(path)
+    if group.attrs.get("key") != key or "magnitude" not in group:
+        return None
+    return np.asarray(group["magnitude"][:])

@@ -17,8 +17,18 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "timestep_analysis_flow",
         "activity profiles, peaks and ranked dataset examples per channel",
     ),
+    "concept_search": (
+        "flows.concept_search",
+        "concept_search_flow",
+        "rank channels and SAE features by a contrastive score for each concept (phrases or prompts)",
+    ),
     "plots": ("flows.plots", "plots_flow", "an activity plot per active channel"),
     "prior": ("flows.prior", "prior_flow", "steered generations from the empty prompt, per channel"),
+    "heatmaps": (
+        "flows.heatmaps",
+        "heatmaps_flow",
+        "spatial maps of each channel's top examples (and priors) at its peaks, drawn over the images",
+    ),
     "deep_dream": ("flows.deep_dream", "deep_dream_flow", "optimise the input that excites each channel most"),
     "representation": (
         "flows.representation",
@@ -39,6 +49,7 @@ DEMO_OVERRIDES = [
     "stages.capture.samples_per_shard=50",
     "stages.capture.batch_size=25",
     "stages.timestep_analysis.top_k=8",
+    "stages.concept_search.concepts=[red background, circle]",
     "stages.prior.end_channel=8",
     "stages.prior.steer_strength_scale=1000",  # toy-shapes' raw channels need a stronger push than SD's 50
     "stages.prior.n_results=3",
@@ -85,9 +96,11 @@ def demo(overrides: list[str]) -> None:
     for kind in config.kinds:
         print(f"  {kind} analysis:      {layout.analysis_store(kind)}")
         print(f"  {kind} plots:         {layout.plots_dir(kind)}")
+        print(f"  {kind} heatmaps:      {layout.heatmap_store(kind)}")
         print(f"  {kind} priors:        {layout.prior_store(kind)}")
         print(f"  {kind} deep dreams:   {layout.dream_store(run, kind)}")
     print(f"  representation:    {layout.representation_dir}")
+    print(f"  concept search:    {layout.root / 'concepts'}")
     print(f"  MLflow store:      {tracking_uri(config)}")
     print(f"  browse MLflow:     .venv/bin/mlflow ui --backend-store-uri {tracking_uri(config)}")
     where = f"data_root={config.data_root} experiment_name={config.experiment_name}"

@@ -14,8 +14,10 @@ PIPELINE: list[tuple[str, str, str]] = [
     ("provision", "flows.provision", "provision_flow"),
     ("capture", "flows.capture", "capture_flow"),
     ("timestep_analysis", "flows.analysis", "timestep_analysis_flow"),
-    ("plots", "flows.plots", "plots_flow"),
+    ("concept_search", "flows.concept_search", "concept_search_flow"),
     ("prior", "flows.prior", "prior_flow"),
+    ("heatmaps", "flows.heatmaps", "heatmaps_flow"),  # after prior (maps its priors too), before plots (overlays)
+    ("plots", "flows.plots", "plots_flow"),
     ("deep_dream", "flows.deep_dream", "deep_dream_flow"),
     ("representation", "flows.representation", "representation_flow"),
 ]

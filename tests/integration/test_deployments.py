@@ -40,6 +40,8 @@ def test_prefect_yaml_declares_every_flow_for_local_and_slurm_a100() -> None:
         "flows/provision.py:provision_flow",
         "flows/capture.py:capture_flow",
         "flows/analysis.py:timestep_analysis_flow",
+        "flows/concept_search.py:concept_search_flow",
+        "flows/heatmaps.py:heatmaps_flow",
         "flows/plots.py:plots_flow",
         "flows/prior.py:prior_flow",
         "flows/deep_dream.py:deep_dream_flow",
