@@ -1,9 +1,11 @@
 """ddr-deep-dream and ddr-deep-dream-sweep: regularised feature visualisation, channels as shards.
 
 One deep-dream flow run is one MLflow run with every resolved parameter, per-step curves of the
-mean activation and penalties, the aggregate metrics and contact sheets. A sweep runs one
-member per grid combination, each a nested MLflow run under one parent, so the MLflow UI's
-compare view shows the settings against the metrics.
+mean activation and penalties, the aggregate metrics (mean and median normalised activation,
+selectivity, diversity, seed distance, failures) and contact sheets. A sweep runs one member per
+grid combination (any `stages.deep_dream` field, e.g. `diversity_penalty_weight=0,10` or
+`parameterisation=latent,phase_fourier`), each a nested MLflow run under one parent, so the
+MLflow UI's compare view shows the settings against the metrics.
 """
 
 from __future__ import annotations

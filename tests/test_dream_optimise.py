@@ -11,8 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from ddr.dream.objectives import ChannelMean, LayerActivation, autocast_dtype, empty_prompt_embedding, make_objective
-from ddr.dream.optimise import DreamSettings, optimise
+from ddr.dream.objectives import (
+    ChannelMean,
+    LayerActivation,
+    Readout,
+    autocast_dtype,
+    empty_prompt_embedding,
+    make_objective,
+)
+from ddr.dream.optimise import DreamSettings, optimise, seed_distance_penalty
+from ddr.dream.parameterisations import make_parameterisation
 from ddr.dream.regularisers import Moment, Range, TotalVariation
 from ddr.hooks import CaptureHook, TimestepTracker, hooked
 from ddr.models.pipeline import load_experiment_sae, load_pipeline
@@ -195,13 +203,16 @@ class Poisoned:
         self.fn, self.sample, self.call, self.calls = fn, sample, call, 0
         self.modules = fn.modules
 
-    def __call__(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def read(self, z: torch.Tensor, t: torch.Tensor) -> Readout:
         if self.calls == self.call:
             mask = torch.zeros(z.shape[0], 1, 1, 1, dtype=torch.bool)
             mask[self.sample] = True
             z = torch.where(mask, math.nan, z)
         self.calls += 1
-        return self.fn(z, t)
+        return self.fn.read(z, t)
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.read(z, t).activations
 
 
 def test_a_nan_sample_fails_alone(tiny: Any) -> None:
@@ -243,3 +254,146 @@ def test_autocast_path_and_context_cache(tiny: Any) -> None:
     exact(torch.randn(5, 4, SIDE, SIDE), torch.full((5,), 10))
     assert sorted(exact._contexts) == [2, 5]  # the empty-prompt embedding expanded once per batch size
     assert autocast_dtype(torch.device("cpu")) is None  # fp32 on the CPU
+
+
+# --- accentuation, attribution, the negative view, phase-only, diversity ---------------------------
+
+N_LATENT = 4 * SIDE * SIDE
+
+
+class LinearActivation:
+    """activation_c(z) = <w_c, z> with w_c of +-1 entries: d activation / d z = w_c at every step."""
+
+    def __init__(self, width: int = 3) -> None:
+        self.weight = torch.where(
+            torch.randn(width, N_LATENT, generator=torch.Generator().manual_seed(5)) > 0, 1.0, -1.0
+        )
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return z.flatten(1) @ self.weight.T
+
+
+def plain_settings(**overrides: Any) -> DreamSettings:
+    """No augmentation, noise, preconditioning, smoothing or penalties: Adam's first steps are lr * sign(gradient)."""
+    values: dict[str, Any] = {"num_steps": 6, "learning_rate": 0.1, "spectral": False, "snapshot_every": 1}
+    return DreamSettings(**{**values, **overrides})
+
+
+def start_latents(n: int) -> torch.Tensor:
+    return torch.randn(n, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(6))
+
+
+def test_projection_keeps_every_step_within_the_radius() -> None:
+    fn, init = LinearActivation(), start_latents(2)
+    lr, radius = 0.1, 2.5 * 0.1 * math.sqrt(N_LATENT)  # Adam moves lr * sqrt(N) a step: the ball is hit at step 3
+    result = optimise(fn, init, [0, 2], [500, 500], [1, 2], plain_settings(seed_distance_max=radius))
+    distances = (result.snapshots - init[:, None]).flatten(2).norm(dim=2)  # at the start of every step
+    expected = torch.tensor([0, lr * math.sqrt(N_LATENT), 2 * lr * math.sqrt(N_LATENT), radius, radius, radius])
+    for i in range(2):
+        torch.testing.assert_close(distances[i], expected, atol=1e-4, rtol=1e-5)
+    # pushed along w_c all the way: the point of the ball in w_c's direction
+    for i, channel in enumerate((0, 2)):
+        direction = fn.weight[channel].view(4, SIDE, SIDE) / math.sqrt(N_LATENT)
+        torch.testing.assert_close(result.latents[i], init[i] + radius * direction, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result.seed_distance, torch.full((2,), radius), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(result.start_latents, init)
+    free = optimise(fn, init, [0, 2], [500, 500], [1, 2], plain_settings())
+    torch.testing.assert_close(free.seed_distance, torch.full((2,), 6 * lr * math.sqrt(N_LATENT)), rtol=1e-5, atol=1e-4)
+
+
+def test_seed_distance_penalty_pulls_towards_the_start() -> None:
+    fn, init = LinearActivation(), start_latents(1)
+    assert seed_distance_penalty(init + 0.5, init).item() == pytest.approx(0.25)  # mean of 0.5^2
+    weight = 512.0
+    held = optimise(fn, init, [1], [500], [1], plain_settings(num_steps=40, seed_distance_weight=weight))
+    # the push (+-1 per element) balances the pull 2 * weight * d / N at d = N / (2 * weight) along w_1;
+    # Adam circles that fixed point within a fraction of its step
+    along = (held.latents - init).flatten() * fn.weight[1]
+    fixed_point = N_LATENT / (2 * weight)
+    assert (along - fixed_point).abs().max().item() < 0.05
+    assert held.seed_distance.item() == pytest.approx(fixed_point * math.sqrt(N_LATENT), rel=0.2)
+    free = optimise(fn, init, [1], [500], [1], plain_settings(num_steps=40))
+    assert free.seed_distance.item() == pytest.approx(40 * 0.1 * math.sqrt(N_LATENT), rel=1e-5)
+
+
+def test_attribution_and_the_negative_view_by_hand() -> None:
+    fn, init = LinearActivation(), start_latents(2)
+    steps, lr = 6, 0.1
+    for negative in (False, True):
+        result = optimise(fn, init, [0, 1], [500, 500], [1, 2], plain_settings(negative=negative))
+        for i in range(2):
+            w = fn.weight[i].view(4, SIDE, SIDE)
+            torch.testing.assert_close(result.attribution[i], steps * w.abs())  # sum of |d activation / d latent|
+            sign = -1.0 if negative else 1.0  # constant gradient: Adam moves lr * sign(gradient) a step
+            torch.testing.assert_close(result.latents[i], init[i] + sign * steps * lr * w, atol=1e-5, rtol=1e-5)
+            # history and activation are the raw activation: falling when minimised
+            history = result.history_activation[i]
+            assert (sign * history.diff() > 0).all()
+            assert result.activation[i].item() == pytest.approx(float(fn(result.latents[i : i + 1], None)[0, i]))
+
+
+def test_phase_only_keeps_the_magnitude_and_attributes_on_the_latent() -> None:
+    fn, init = LinearActivation(), start_latents(2)
+    magnitude = torch.fft.rfft2(torch.randn(8, 4, SIDE, SIDE), norm="ortho").abs().mean(0)
+    phase = make_parameterisation("phase_fourier", magnitude)
+    result = optimise(fn, init, [0, 1], [500, 500], [1, 2], plain_settings(), parameterisation=phase)
+    spectrum = torch.fft.rfft2(result.latents, norm="ortho").abs()
+    torch.testing.assert_close(spectrum, magnitude.expand_as(spectrum), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.fft.rfft2(result.start_latents, norm="ortho").abs(), spectrum, atol=1e-5, rtol=1e-5
+    )
+    assert result.activation[0] > fn(result.start_latents[:1], None)[0, 0]  # the phase moved towards w_0
+    for i in range(2):
+        torch.testing.assert_close(result.attribution[i], 6 * fn.weight[i].view(4, SIDE, SIDE).abs())
+    with pytest.raises(ValueError, match="no projection"):
+        optimise(fn, init, [0, 1], [500, 500], [1, 2], plain_settings(seed_distance_max=1.0), parameterisation=phase)
+
+
+def test_diversity_couples_only_a_targets_results(tiny: Any) -> None:
+    _, pipe, _ = tiny
+    fn = activation_fn(tiny)
+    settings = noised_settings(diversity_weight=10.0)
+    targets, results = [(3, 500), (10, 200)], 2
+    init = torch.randn(len(targets) * results, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(7))
+    channels = [c for c, _ in targets for _ in range(results)]
+    timesteps = [t for _, t in targets for _ in range(results)]
+    seeds = [100 * c + k for c, _ in targets for k in range(results)]
+    groups = [j for j in range(len(targets)) for _ in range(results)]
+    batched = optimise(
+        fn, init, channels, timesteps, seeds, settings, add_noise=pipe.scheduler.add_noise, groups=groups
+    )
+    for j in range(len(targets)):
+        rows = slice(j * results, (j + 1) * results)
+        single = optimise(
+            fn,
+            init[rows],
+            channels[rows],
+            timesteps[rows],
+            seeds[rows],
+            settings,
+            add_noise=pipe.scheduler.add_noise,
+            groups=[0] * results,
+        )
+        torch.testing.assert_close(batched.latents[rows], single.latents, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.diversity[rows], single.diversity, atol=1e-5, rtol=1e-4)
+    plain = optimise(fn, init, channels, timesteps, seeds, noised_settings(), add_noise=pipe.scheduler.add_noise)
+    assert not torch.allclose(plain.latents, batched.latents, atol=1e-4)  # the penalty did act
+    assert torch.isnan(plain.diversity).all()  # every sample its own group: no pairs
+
+
+def test_a_nan_sample_fails_alone_under_the_diversity_penalty(tiny: Any) -> None:
+    _, pipe, _ = tiny
+    settings = noised_settings(num_steps=5, diversity_weight=10.0)
+    init = torch.randn(3, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(8))
+    poisoned = optimise(
+        Poisoned(activation_fn(tiny), 1, 2),
+        init,
+        [3, 3, 3],
+        [500] * 3,
+        [1, 2, 3],
+        settings,
+        add_noise=pipe.scheduler.add_noise,
+        groups=[0, 0, 0],
+    )
+    assert poisoned.failed_step.tolist() == [-1, 2, -1]
+    assert torch.isfinite(poisoned.latents).all() and torch.isfinite(poisoned.diversity).all()

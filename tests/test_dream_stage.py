@@ -174,6 +174,16 @@ def test_targets_from_timesteps_peaks_and_active_calls(data_root: Path) -> None:
         (["stages.deep_dream.channels=[1]", "stages.deep_dream.start_channel=0"], "either channels or start_channel"),
         (["stages.deep_dream.timesteps=[1000]"], r"1000 is out of range; allowed: 0..999"),
         (["stages.deep_dream.n_results=3"], "needs at least that many seeds"),
+        (
+            ["stages.deep_dream.n_results=1", "stages.deep_dream.diversity_penalty_weight=1"],
+            "diversity_penalty_weight: 1.0 needs n_results >= 2",
+        ),
+        (
+            ["stages.deep_dream.parameterisation=phase_fourier", "stages.deep_dream.seed_distance_max=2"],
+            "seed_distance_max: 2.0 projects latents",
+        ),
+        (["stages.deep_dream.objective=sae_dot_cosine"], "'sae_dot_cosine' needs SAE features"),
+        (["stages.deep_dream.start_from=examples"], "start_from"),
     ],
 )
 def test_bad_selection_is_a_clear_error(data_root: Path, overrides: list[str], message: str) -> None:
@@ -205,6 +215,16 @@ def test_run_writes_the_dream_store(dreamed: tuple[ExperimentConfig, dict[str, A
     assert ds["latent"].shape == (n, 2, 4, 8, 8)
     for name in ("activation", "normalized_activation", "selectivity", "failed_step", "penalty_range"):
         assert ds[name].dims == ("target", "result"), name
+    assert ds["attribution"].dims == ("target", "result", "latent_channel", "y", "x")
+    assert ds["seed_distance"].dims == ds["start_sample"].dims == ("target", "result")
+    assert ds["diversity"].dims == ("target",)
+    assert (ds["attribution"].values >= 0).all() and (ds["attribution"].values > 0).any()
+    assert (ds["start_sample"].values == -1).all()  # from noise
+    starts = np.stack([deep_dream.noise_latents([11, 22], (4, 8, 8)).numpy()] * n)
+    np.testing.assert_allclose(
+        ds["seed_distance"].values, np.linalg.norm((ds["latent"].values - starts).reshape(n, 2, -1), axis=2), rtol=1e-5
+    )
+    assert np.isfinite(ds["diversity"].values).all() and (ds["diversity"].values <= 1 + 1e-6).all()
     assert ds["history_activation"].dims == ("target", "result", "step")
     assert ds["step"].values.tolist() == [0, 2] and ds["seed"].values.tolist() == [11, 22]
     assert np.isfinite(ds["latent"].values).all() and np.isfinite(ds["history_activation"].values).all()
@@ -222,6 +242,8 @@ def test_run_writes_the_dream_store(dreamed: tuple[ExperimentConfig, dict[str, A
         assert np.isfinite(ds[name].values).all()
     attrs = ds.attrs
     assert attrs["mlflow_run_id"] == "run-abc" and attrs["num_steps"] == 3 and attrs["kind"] == "raw"
+    assert attrs["start"] == "noise" and attrs["direction"] == "maximise" and attrs["parameterisation"] == "latent"
+    assert attrs["diversity_penalty_weight"] == 0.0 and attrs["spectrum_store"] is None
     assert attrs["objective"] == "channel_mean" and attrs["robustness"] == "level_1"
     assert attrs["penalties"] == {"total_variation": 0.5, "range": 0.5, "moment": 0.0}
     assert json.loads(attrs["params"])["targets"] == [list(t) for t in EXPECTED_TARGETS]
@@ -230,6 +252,8 @@ def test_run_writes_the_dream_store(dreamed: tuple[ExperimentConfig, dict[str, A
     for channel, t in EXPECTED_TARGETS:
         for k in range(2):
             assert stores.dream_image_path(layout, "default", "raw", channel, t, k).is_file()
+            assert stores.dream_attribution_path(layout, "default", "raw", channel, t, k).is_file()
+            assert not stores.dream_start_image_path(layout, "default", "raw", channel, t, k).exists()
             for step in (0, 2):
                 assert stores.dream_snapshot_path(layout, "default", "raw", channel, t, k, step).is_file()
     assert stores.dream_done_channels(stores.dream_done_dir(layout, "default", "raw")) == {3, 7, 10}
@@ -246,6 +270,8 @@ def test_run_writes_the_dream_store(dreamed: tuple[ExperimentConfig, dict[str, A
         float(np.median(ds["normalized_activation"].values)), rel=1e-5
     )
     assert summary["mean_selectivity"] == pytest.approx(float(ds["selectivity"].mean()), rel=1e-5)
+    assert summary["mean_seed_distance"] == pytest.approx(float(ds["seed_distance"].mean()), rel=1e-5)
+    assert summary["mean_diversity"] == pytest.approx(float(ds["diversity"].mean()), rel=1e-5)
 
 
 def test_a_stored_target_equals_a_direct_optimisation(dreamed: tuple[ExperimentConfig, dict[str, Any]]) -> None:
@@ -324,6 +350,16 @@ def test_priors_start_the_optimisation_and_settings_changes_are_refused(data_roo
     )
     with pytest.raises(deep_dream.DreamStoreMismatch, match=r"settings\.num_steps"):
         deep_dream.prepare_dream_store(changed, "raw")
+    for new_setting in (
+        "stages.deep_dream.diversity_penalty_weight=0.5",
+        "stages.deep_dream.negative=true",
+        "stages.deep_dream.seed_distance_max=3",
+        "stages.deep_dream.parameterisation=phase_fourier",
+    ):  # the new settings are content: a changed value never reuses the store
+        other = experiment(data_root, "prior", *overrides, new_setting)
+        field = new_setting.split("=")[0].split(".")[-1]
+        with pytest.raises(deep_dream.DreamStoreMismatch, match=rf"settings\.{field}"):
+            deep_dream.prepare_dream_store(other, "raw")
     with pytest.raises(deep_dream.DreamStoreMismatch):
         deep_dream.dream_shard(changed, "raw", [3])
     deep_dream.prepare_dream_store(changed, "raw", overwrite=True)
@@ -342,3 +378,20 @@ def test_sae_features(data_root: Path) -> None:
     assert np.isfinite(ds["latent"].values).all() and (ds["failed_step"].values == -1).all()
     assert (ds["activation"].values >= 0).all()  # top-k codes are non-negative
     assert out["summary"]["targets_done"] == 1
+
+
+def test_sae_dot_cosine_objective_through_the_stage(data_root: Path) -> None:
+    config = experiment(
+        data_root,
+        "sae",
+        "stages.deep_dream.channels=[10]",
+        "stages.deep_dream.timesteps=[activity_peaks]",
+        "stages.deep_dream.sae.objective=sae_dot_cosine",
+        "stages.deep_dream.cosine_power=2",
+        "stages.deep_dream.run_name=dot",
+    )
+    deep_dream.run_dream(config, "sae")
+    ds = open_dreams(config, kind="sae", run="dot")
+    assert ds.attrs["objective"] == "sae_dot_cosine" and ds.attrs["cosine_power"] == 2.0
+    assert np.isfinite(ds["activation"].values).all() and (ds["failed_step"].values == -1).all()
+    assert json.loads(ds.attrs["params"])["objective"] == "sae_dot_cosine"

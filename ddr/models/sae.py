@@ -138,10 +138,19 @@ class SparseAutoencoder(nn.Module):
         std = centred.std(dim=-1, keepdim=True)
         return centred / (std + UNIT_NORM_EPS), UnitNormStats(mean, std)
 
-    def _pre_acts_and_stats(self, x: Tensor) -> tuple[Tensor, UnitNormStats | None]:
+    def _encoder_input_and_stats(self, x: Tensor) -> tuple[Tensor, UnitNormStats | None]:
         sae_in, stats = self._standardise(x.to(self.dtype))
         if self.apply_b_dec_to_input:
             sae_in = sae_in - self.b_dec
+        return sae_in, stats
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """What the encoder multiplies [..., D]: the token standardised (``input_unit_norm``), minus
+        ``b_dec`` if ``apply_b_dec_to_input``; the space the decoder directions live in."""
+        return self._encoder_input_and_stats(x)[0]
+
+    def _pre_acts_and_stats(self, x: Tensor) -> tuple[Tensor, UnitNormStats | None]:
+        sae_in, stats = self._encoder_input_and_stats(x)
         return torch.relu(self.encoder(sae_in)), stats
 
     def pre_acts(self, x: Tensor) -> Tensor:

@@ -11,28 +11,52 @@ resolved in order, duplicates dropped:
   both are listed, `active_timesteps` is ignored (the store's `timestep_rule` attribute says so).
 
 `use_just_one_timestep` keeps the first. Channels left with no timestep are skipped and logged;
-with `use_prior`, so are channels the prior store has no row for (as the original skipped them).
+so are channels the prior store has no row for when starting from priors (as the original
+skipped them), and targets with no dataset example near t when starting from examples.
 
-Each target is optimised `n_results` times: from the prior store's latents of the channel
-(`use_prior`) or from seeded noise (`torch.randn` from `torch.Generator().manual_seed(seed)`,
-the initial latent a generation with that seed would start from). Sample (target, result k)
-draws its augmentation and noise from a generator seeded with
-`SeedSequence([seeds[k], channel, t])`, so its result does not depend on its batch-mates.
+Each target is optimised `n_results` times, from (`start_from`; None: `use_prior` decides):
+
+- `prior`: the prior store's latents of the channel;
+- `noise`: seeded noise (`torch.randn` from `torch.Generator().manual_seed(seed)`, the initial
+  latent a generation with that seed would start from);
+- `example` (feature accentuation): result k starts from the channel's k-th top dataset example
+  at t (`ddr.dream.sources.example_starts`: the capture image, VAE-encoded; `start_sample` records
+  which). With see-through noise on (the default) the optimised latent is a clean latent that the
+  loop noises to t at every step, so the clean example is the start; with it off the UNet sees
+  the latent as it is, so the example is noised to t once (`sources.noised`, the sample's seed).
+  `seed_distance_penalty_weight` (mean squared distance to the start) and `seed_distance_max`
+  (an L2 ball around the start that every step is projected into) keep the dream near its seed.
+
+Sample (target, result k) draws its augmentation and noise from a generator seeded with
+`SeedSequence([seeds[k], channel, t])`, so its result does not depend on its batch-mates (the
+diversity penalty couples only the n_results samples of one target, always in one batch).
 The UNet is called with the latent (augmented, optionally noised by `scheduler.add_noise` at
 t) and timestep t, the empty prompt at guidance 1, and stopped after the target layer
-(`ddr.dream.objectives`); the loop itself is `ddr.dream.optimise`.
+(`ddr.dream.objectives`); the loop itself is `ddr.dream.optimise`. `parameterisation`
+`phase_fourier` optimises the phase of the latent's spectrum with the magnitude fixed at the mean
+spectrum of real latents (`spectrum_source`: the capture images' or the priors' latents, at most
+`spectrum_max_images`; computed once by `prepare_dream_store`). `negative` minimises.
 
 Recorded per target and result (`dream/<run>/<kind>/dreams.zarr`, DESIGN.md): the final latent;
-`activation` (the final latent's, un-augmented); `normalized_activation` = activation /
-`dataset_max_activation`, the channel's `max_activation` in the analysis store at the UNet call
-whose timestep value is t (the max over calls sharing that value; the nearest captured value
-when t was not captured; NaN when that maximum is 0 or missing); `selectivity` (target minus the
-mean of the other channels, `ddr.dream.optimise.selectivity`); `penalty_<name>` (unweighted, of
-the final latent); `failed_step` (-1, or the step at which the sample's loss or gradient stopped
-being finite; its latent is the last finite one); `history_activation` at every
-`intermediate_opt_results_every_n_steps` steps (coordinate `step`). Images: the final decode
-(`images/channel_NNNNN_t_TTTT_result_K.png`) and each snapshot (`images/snapshots/..._step_SSSS.png`),
-min-max normalised per image (the original normalised over the batch).
+`activation` (the final latent's, un-augmented; raw, also for a negative run);
+`normalized_activation` = activation / `dataset_max_activation`, the channel's `max_activation`
+in the analysis store at the UNet call whose timestep value is t (the max over calls sharing that
+value; the nearest captured value when t was not captured; NaN when that maximum is 0 or
+missing); `selectivity` (target minus the mean of the other channels,
+`ddr.dream.optimise.selectivity`; for a negative run, lower is more selective);
+`penalty_<name>` (unweighted, of the final latent); `failed_step` (-1, or the step at which the
+sample's loss or gradient stopped being finite; its latent is the last finite one);
+`history_activation` at every `intermediate_opt_results_every_n_steps` steps (coordinate
+`step`); `attribution` (summed |d activation / d latent| over the steps, on the latent grid);
+`seed_distance` (L2 norm of final - start latent); `start_sample` (the capture sample an
+example start came from, else -1). Per target: `diversity`, the mean pairwise cosine of the
+final results' Gram matrices of the layer output (whatever the penalty's weight; NaN with one
+result). Images: the final decode (`images/channel_NNNNN_t_TTTT_result_K.png`), each snapshot
+(`images/snapshots/..._step_SSSS.png`), min-max normalised per image (the original normalised
+over the batch); the attribution overlay (`images/attribution/...`: the final image blended with
+the inferno colour of the attribution summed over latent channels, divided by its maximum and
+upsampled bilinearly, blend weight 0.6 x that value); with example starts the decoded start
+latent (`images/start/...`).
 
 Stage API (the flow calls these): `plan_dream`, `prepare_dream_store`, `dream_shard`,
 `summarise_dreams`, and `run_dream` for all of it in-process.
@@ -44,6 +68,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +89,9 @@ from ddr.dream.objectives import (
     make_objective,
 )
 from ddr.dream.optimise import DreamResult, DreamSettings, optimise
+from ddr.dream.parameterisations import Parameterisation, make_parameterisation
 from ddr.dream.regularisers import penalties_from_config
+from ddr.dream.sources import example_starts, latent_spectrum, noised, ranked_examples
 from ddr.models.pipeline import decode_latents, load_experiment_sae, load_pipeline, model_dir
 from ddr.provision import asset_dir
 from ddr.stores import Kind
@@ -79,6 +106,12 @@ NORMALIZATION_RULE = (
     "activation / dataset_max_activation: the analysis max_activation of the channel at the UNet call whose timestep "
     "value is t (max over calls sharing the value; nearest captured value when t was not captured)"
 )
+DIVERSITY_RULE = (
+    "mean pairwise cosine similarity of the final results' Gram matrices (layer output [C, H*W] times its "
+    "transpose, flattened) per target; NaN with one result"
+)
+SEED_DISTANCE_RULE = "L2 norm of final latent - start latent (the latent the optimisation started from)"
+ATTRIBUTION_RULE = "sum over steps of |d activation / d latent| (the target activation only, not the penalties)"
 # Settings that do not change a target's result (batching is exact) or are not about the contents.
 _NOT_CONTENT = {
     "log_every_n_steps",
@@ -129,7 +162,23 @@ def dream_settings(config: ExperimentConfig, kind: Kind) -> DeepDreamConfig:
             f"stages.deep_dream.objective: {settings.objective!r} needs SAE features; raw channels allow "
             "'channel_mean' (set SAE objectives in the sae block: stages.deep_dream.sae.objective=...)"
         )
+    if settings.diversity_penalty_weight > 0 and settings.n_results < 2:
+        raise ConfigError(
+            f"stages.deep_dream.diversity_penalty_weight: {settings.diversity_penalty_weight} needs n_results >= 2 "
+            f"(the penalty compares a target's results), got n_results={settings.n_results}"
+        )
+    if settings.seed_distance_max is not None and settings.parameterisation != "latent":
+        raise ConfigError(
+            f"stages.deep_dream.seed_distance_max: {settings.seed_distance_max} projects latents, which "
+            f"parameterisation {settings.parameterisation!r} cannot follow; use parameterisation=latent or "
+            "seed_distance_penalty_weight"
+        )
     return settings  # type: ignore[return-value]
+
+
+def start_kind(settings: DeepDreamConfig) -> str:
+    """Where the optimisation starts: `start_from`, or (None) the original's `use_prior` switch."""
+    return settings.start_from or ("prior" if settings.use_prior else "noise")
 
 
 def _resolve_dir(config: ExperimentConfig, folder: Path) -> Path:
@@ -247,9 +296,13 @@ def build_plan(config: ExperimentConfig, kind: Kind) -> DreamPlan:
         active = ds["active"].values[rows].astype(bool)
         max_act = ds["max_activation"].values[rows].astype(np.float64)
         peak_t = ds["peak_t"].values[rows].astype(np.int64)
+        start = start_kind(settings)
+        if start == "example":
+            top_sample = ds["top_sample"].values[rows].astype(np.int64)
+            top_value = ds["top_value"].values[rows].astype(np.float64)
     prior_path: Path | None = None
     prior_channels: set[int] = set()
-    if settings.use_prior:
+    if start == "prior":
         prior_path = prior_store_path(config, kind)
         prior = stores.open_store(prior_path)
         prior_channels = set(prior["channel"][:].tolist())
@@ -262,14 +315,15 @@ def build_plan(config: ExperimentConfig, kind: Kind) -> DreamPlan:
             raise ConfigError(
                 f"{prior_path} holds latents of shape {tuple(prior['latent'].shape[2:])}, this config's image_size "
                 f"{config.resolved_image_size} needs {latent_shape(config)}; set stages.deep_dream.use_prior=false "
-                "or match the image size"
+                "(or start_from=noise/example) or match the image size"
             )
     targets: list[tuple[int, int]] = []
     maxima: list[float] = []
     skipped: dict[int, str] = {}
     clamped: list[int] = []
+    without_examples: list[tuple[int, int]] = []
     for i, channel in enumerate(chosen.tolist()):
-        if settings.use_prior and channel not in prior_channels:
+        if start == "prior" and channel not in prior_channels:
             skipped[channel] = f"no prior in {prior_path}"
             continue
         ts = resolve_timesteps(
@@ -283,6 +337,13 @@ def build_plan(config: ExperimentConfig, kind: Kind) -> DreamPlan:
         if any(t >= max_t for t in ts):
             clamped.append(channel)
             ts = list(dict.fromkeys(min(t, max_t - 1) for t in ts))
+        if start == "example":
+            lacking = [t for t in ts if not ranked_examples(top_sample[i], top_value[i], captured, t)]
+            without_examples += [(channel, t) for t in lacking]
+            if ts and len(lacking) == len(ts):
+                skipped[channel] = f"no dataset examples near t in {lacking}"
+                continue
+            ts = [t for t in ts if t not in lacking]
         if not ts:
             skipped[channel] = f"no timesteps ({settings.timesteps} resolved to none)"
             continue
@@ -291,6 +352,8 @@ def build_plan(config: ExperimentConfig, kind: Kind) -> DreamPlan:
             maxima.append(dataset_max_at(max_act[i], captured, t))
     if clamped:
         log.warning("deep_dream %s: peaks at t >= %d clamped to %d for channels %s", kind, max_t, max_t - 1, clamped)
+    if without_examples:
+        log.warning("deep_dream %s: (channel, t) targets without dataset examples dropped: %s", kind, without_examples)
     rule = "in the listed order"
     if "activity_peaks" in settings.timesteps and "active_timesteps" in settings.timesteps:
         rule = "activity_peaks takes precedence: active_timesteps ignored"
@@ -377,7 +440,7 @@ def prepare_dream_store(
     if not plan.targets:
         raise ConfigError(
             f"deep_dream {kind}: the selection has no targets (skipped: {plan.skipped}); check the channel "
-            "selection, timesteps and use_prior"
+            "selection, timesteps and start_from/use_prior"
         )
     width = _objective_width(config, kind)
     if width != plan.n_channels:
@@ -386,6 +449,7 @@ def prepare_dream_store(
             f"{'layer ' + config.target_layer_name if kind == 'raw' else 'SAE'} has {width}; "
             "the analysis was made for another layer or SAE"
         )
+    spectrum = phase_spectrum(config, kind) if settings.parameterisation == "phase_fourier" else None
     layout.dream_dir(settings.run_name, kind).mkdir(parents=True, exist_ok=True)
     dream = DreamSettings.from_config(settings)
     penalties = penalties_from_config(settings)
@@ -420,6 +484,14 @@ def prepare_dream_store(
             "skipped_channels": json.dumps({str(c): why for c, why in plan.skipped.items()}),
             "image_pattern": "images/channel_{channel:05d}_t_{t:04d}_result_{result}.png",
             "snapshot_pattern": "images/snapshots/channel_{channel:05d}_t_{t:04d}_result_{result}_step_{step:04d}.png",
+            "attribution_pattern": "images/attribution/channel_{channel:05d}_t_{t:04d}_result_{result}.png",
+            "start_pattern": "images/start/channel_{channel:05d}_t_{t:04d}_result_{result}.png",
+            "start": start_kind(settings),
+            "direction": "minimise" if settings.negative else "maximise",
+            "diversity_rule": DIVERSITY_RULE,
+            "seed_distance_rule": SEED_DISTANCE_RULE,
+            "attribution_rule": ATTRIBUTION_RULE,
+            "spectrum_store": str(spectrum) if spectrum else None,
             "mlflow_run_id": mlflow_run_id,
             "mlflow_run_ids": json.dumps([mlflow_run_id] if mlflow_run_id else []),
             "params": json.dumps(params, sort_keys=True),
@@ -455,6 +527,35 @@ def noise_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def spectrum_magnitude(config: ExperimentConfig, kind: Kind) -> torch.Tensor:
+    """phase_fourier's fixed magnitude [c, h, w//2+1]: the mean spectrum of real latents (cached by `sources`)."""
+    settings = dream_settings(config, kind)
+    magnitude = latent_spectrum(config, settings.spectrum_source, kind, settings.spectrum_max_images)
+    c, h, w = latent_shape(config)
+    if tuple(magnitude.shape) != (c, h, w // 2 + 1):
+        raise ConfigError(
+            f"stages.deep_dream.spectrum_source: the {settings.spectrum_source} spectrum has shape "
+            f"{tuple(magnitude.shape)}, latents of this config ({c}, {h}, {w}) need {(c, h, w // 2 + 1)}"
+        )
+    return magnitude
+
+
+def phase_spectrum(config: ExperimentConfig, kind: Kind) -> Path:
+    """Compute (once, in the preparing process) or find the cached magnitude of phase-only dreams; its store path."""
+    settings = dream_settings(config, kind)
+    spectrum_magnitude(config, kind)
+    layout = stores.ExperimentLayout(config.experiment_dir)
+    source = settings.spectrum_source
+    return layout.spectrum_store(source, kind if source == "prior" else None)
+
+
+def dream_parameterisation(config: ExperimentConfig, kind: Kind) -> Parameterisation:
+    settings = dream_settings(config, kind)
+    if settings.parameterisation == "latent":
+        return make_parameterisation("latent")
+    return make_parameterisation(settings.parameterisation, spectrum_magnitude(config, kind))
+
+
 @torch.no_grad()
 def decode_minmax(pipe: Any, latents: torch.Tensor, batch: int = DECODE_BATCH) -> list[Image.Image]:
     """Latents -> RGB images with the pipeline's VAE, each min-max normalised to [0, 255]."""
@@ -469,8 +570,29 @@ def decode_minmax(pipe: Any, latents: torch.Tensor, batch: int = DECODE_BATCH) -
     return images
 
 
+def attribution_overlay(image: Image.Image, attribution: torch.Tensor, strength: float = 0.6) -> Image.Image:
+    """The image blended with the inferno colour of `attribution` [c, h, w] summed over latent channels.
+
+    The map is divided by its maximum (all zero stays zero), upsampled bilinearly to the image and
+    used both as the colour and, times `strength`, as the blend weight: where the gradient was
+    small the image shows through, where it was largest it is 60 % heat colour.
+    """
+    from matplotlib import colormaps
+
+    heat = attribution.float().sum(0)
+    heat = heat / heat.max() if heat.max() > 0 else torch.zeros_like(heat)
+    width, height = image.size
+    heat = torch.nn.functional.interpolate(heat[None, None], size=(height, width), mode="bilinear", align_corners=False)
+    weight = heat[0, 0].clamp(0, 1).numpy()
+    colour = colormaps["inferno"](weight)[..., :3]
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+    alpha = strength * weight[..., None]
+    blended = (1 - alpha) * pixels + alpha * colour
+    return Image.fromarray((blended * 255).round().clip(0, 255).astype(np.uint8))
+
+
 def _target_arrays(
-    result: DreamResult, n_targets: int, n_results: int, dataset_max: np.ndarray
+    result: DreamResult, n_targets: int, n_results: int, dataset_max: np.ndarray, start_sample: np.ndarray
 ) -> dict[str, np.ndarray]:
     def per_target(x: torch.Tensor) -> np.ndarray:
         return x.numpy().reshape(n_targets, n_results, *x.shape[1:])
@@ -480,6 +602,10 @@ def _target_arrays(
     valid = np.isfinite(maxima) & (maxima != 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         normalized = np.where(valid, activation / np.where(valid, maxima, 1.0), np.nan)
+    spread = per_target(result.diversity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one result: all NaN, the mean is NaN
+        diversity = np.nanmean(spread, axis=1)
     arrays = {
         "latent": per_target(result.latents),
         "activation": activation,
@@ -487,6 +613,10 @@ def _target_arrays(
         "selectivity": per_target(result.selectivity),
         "failed_step": per_target(result.failed_step),
         "history_activation": per_target(result.history_activation),
+        "attribution": per_target(result.attribution),
+        "seed_distance": per_target(result.seed_distance),
+        "start_sample": np.asarray(start_sample, dtype=np.int64).reshape(n_targets, n_results),
+        "diversity": diversity,
     }
     arrays |= {f"penalty_{name}": per_target(value) for name, value in result.penalties.items()}
     return arrays
@@ -539,6 +669,8 @@ def _metrics(group: Any, rows: list[int]) -> dict[str, float]:
     normalized = group["normalized_activation"][lo:hi][take]
     sel = group["selectivity"][lo:hi][take]
     failed = group["failed_step"][lo:hi][take]
+    seed_distance = group["seed_distance"][lo:hi][take]
+    spread = group["diversity"][lo:hi][take]
     written = np.isfinite(activation)
 
     def stat(fn: Any, x: np.ndarray) -> float:
@@ -553,8 +685,57 @@ def _metrics(group: Any, rows: list[int]) -> dict[str, float]:
         "mean_normalized_activation": stat(np.mean, normalized[ok]),
         "median_normalized_activation": stat(np.median, normalized[ok]),
         "mean_selectivity": stat(np.mean, sel[ok]),
+        "mean_seed_distance": stat(np.mean, seed_distance[ok]),
+        "mean_diversity": stat(np.mean, spread),
         "failed": int((failed >= 0).sum()),
     }
+
+
+@dataclass
+class _Starts:
+    """A batch's start latents [B, c, h, w] on the device and the capture sample of each (-1: none)."""
+
+    latents: torch.Tensor
+    samples: np.ndarray
+
+
+def _batch_starts(
+    config: ExperimentConfig,
+    kind: Kind,
+    targets: list[tuple[int, int]],
+    seeds: list[int],
+    pipe: Any,
+    plan: DreamPlan,
+    shape: tuple[int, ...],
+) -> _Starts:
+    """The start latents of the batch's samples (target-major, results within), by `start_kind` (module docstring)."""
+    settings = dream_settings(config, kind)
+    n_res = len(seeds)
+    none = np.full(len(targets) * n_res, -1, dtype=np.int64)
+    start = start_kind(settings)
+    if start == "prior":
+        assert plan.prior_store is not None
+        group = stores.open_store(plan.prior_store)
+        row_of = {c: i for i, c in enumerate(group["channel"][:].tolist())}
+        parts = []
+        for channel, _ in targets:
+            latents = group["latent"][row_of[channel], :n_res]
+            if not np.isfinite(latents).all():
+                raise RuntimeError(
+                    f"the prior of {kind} channel {channel} in {plan.prior_store} is not written yet; "
+                    "run the prior stage for it first"
+                )
+            parts.append(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)))
+        return _Starts(torch.cat(parts).to(pipe.device), none)
+    if start == "noise":
+        return _Starts(noise_latents(seeds * len(targets), shape).to(pipe.device), none)  # type: ignore[arg-type]
+    clean, samples = example_starts(config, kind, targets, n_res)
+    clean = clean.flatten(0, 1).float()
+    if settings.see_through_schedule_noise:
+        return _Starts(clean, samples.ravel())
+    timesteps = [t for _, t in targets for _ in range(n_res)]
+    noise_seeds = [sample_seed(s, c, t) for c, t in targets for s in seeds]
+    return _Starts(noised(pipe.scheduler, clean, torch.as_tensor(timesteps), noise_seeds), samples.ravel())
 
 
 def dream_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> dict[str, Any]:
@@ -603,40 +784,31 @@ def dream_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> di
         activation_fn = LayerActivation(
             pipe.unet,
             config.target_layer_name,
-            make_objective(kind, sae, settings.objective),
+            make_objective(kind, sae, settings.objective, cosine_power=settings.cosine_power),
             empty_prompt_embedding(pipe),
             amp,
         )
+        parameterisation = dream_parameterisation(config, kind)
         shape = tuple(group["latent"].shape[2:])
-        prior_group = stores.open_store(plan.prior_store) if settings.use_prior and plan.prior_store else None
-        prior_row = {c: i for i, c in enumerate(prior_group["channel"][:].tolist())} if prior_group else {}
         images_dir = stores.dream_images_dir(layout, run, kind)
-        (images_dir / "snapshots").mkdir(parents=True, exist_ok=True)
+        from_examples = start_kind(settings) == "example"
+        for folder in ("snapshots", "attribution", *(["start"] if from_examples else [])):
+            (images_dir / folder).mkdir(parents=True, exist_ok=True)
         per_batch = settings.targets_per_batch
         batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
         for b, batch in enumerate(batches):
             targets = [(target_channel[r], target_t[r]) for r in batch]
-            if prior_group is not None:
-                parts = []
-                for channel, _ in targets:
-                    prior = prior_group["latent"][prior_row[channel], :n_res]
-                    if not np.isfinite(prior).all():
-                        raise RuntimeError(
-                            f"the prior of {kind} channel {channel} in {plan.prior_store} is not written yet; "
-                            "run the prior stage for it first"
-                        )
-                    parts.append(torch.from_numpy(np.ascontiguousarray(prior, dtype=np.float32)))
-                init = torch.cat(parts)
-            else:
-                init = noise_latents(seeds * len(targets), shape)  # type: ignore[arg-type]
+            starts = _batch_starts(config, kind, targets, seeds, pipe, plan, shape)
             result = optimise(
                 activation_fn,
-                init.to(pipe.device),
+                starts.latents,
                 [c for c, _ in targets for _ in range(n_res)],
                 [t for _, t in targets for _ in range(n_res)],
                 [sample_seed(s, c, t) for c, t in targets for s in seeds],
                 dream,
                 add_noise=pipe.scheduler.add_noise,
+                groups=[j for j in range(len(targets)) for _ in range(n_res)],
+                parameterisation=parameterisation,
             )
             if result.channel_activations.shape[1] != group.attrs["n_channels"]:
                 raise ValueError(
@@ -650,16 +822,21 @@ def dream_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> di
                 counts[i] += np.isfinite(values).sum(axis=1)
             finals = decode_minmax(pipe, result.latents)
             snaps = decode_minmax(pipe, result.snapshots.flatten(0, 1)) if result.snapshots.shape[1] else []
+            start_images = decode_minmax(pipe, result.start_latents) if from_examples else []
             n_snap = result.snapshots.shape[1]
             for j, (channel, t) in enumerate(targets):
                 for k in range(n_res):
                     sample = j * n_res + k
                     finals[sample].save(stores.dream_image_path(layout, run, kind, channel, t, k))
+                    overlay = attribution_overlay(finals[sample], result.attribution[sample])
+                    overlay.save(stores.dream_attribution_path(layout, run, kind, channel, t, k))
+                    if start_images:
+                        start_images[sample].save(stores.dream_start_image_path(layout, run, kind, channel, t, k))
                     for s, step in enumerate(result.snapshot_steps):
                         snaps[sample * n_snap + s].save(
                             stores.dream_snapshot_path(layout, run, kind, channel, t, k, step)
                         )
-            arrays = _target_arrays(result, len(batch), n_res, dataset_max[batch])
+            arrays = _target_arrays(result, len(batch), n_res, dataset_max[batch], starts.samples)
             for pos, length in _contiguous_runs(batch):
                 stores.write_dream_rows(group, batch[pos], {k: v[pos : pos + length] for k, v in arrays.items()})
             for j, row in enumerate(batch):
