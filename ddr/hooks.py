@@ -157,18 +157,121 @@ class CaptureHook:
         return raw, features
 
 
-class SteeringHook:
-    """Adds `strengths[sample, call] * directions[sample]` to every spatial position of the layer output.
+class SpatialMapHook:
+    """Spatial maps (not means) of the layer output at chosen UNet calls, per sample of one CFG branch.
 
-    Each sample has its own direction (a one-hot channel or an SAE decoder row) and its own
-    per-call strengths, so samples steering different channels can share a batch. With CFG on,
-    both halves of the batch are steered alike.
+    `maps` turns the branch's output [B, C, H, W] (fp32) into the maps to keep [B, n, H, W] (a few
+    raw channels, or SAE codes per token), so only those stay on the device until `result()`.
     """
 
-    def __init__(self, tracker: TimestepTracker, directions: Tensor, strengths: Tensor) -> None:
+    def __init__(
+        self,
+        tracker: TimestepTracker,
+        calls: list[int],
+        cfg: bool,
+        branch: Branch,
+        maps: Callable[[Tensor], Tensor],
+    ) -> None:
+        self.tracker, self.calls, self.cfg, self.branch, self.maps = tracker, sorted(set(calls)), cfg, branch, maps
+        self.recorded: dict[int, Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        call = self.tracker.call
+        if call in self.calls:
+            self.recorded[call] = self.maps(split_branch(output_tensor(output), self.cfg, self.branch).float())
+
+    def result(self) -> Tensor:
+        """[len(calls), B, n, H, W] on the CPU, in the order of `calls` (sorted), in one copy."""
+        missing = [c for c in self.calls if c not in self.recorded]
+        if missing:
+            raise RuntimeError(f"the UNet made no calls {missing}; it made {len(self.tracker.timesteps)}")
+        return torch.stack([self.recorded[c] for c in self.calls]).cpu()
+
+
+SteerMode = Literal["add", "replace", "cfg_aware", "ablate"]
+
+
+class ChannelCodes:
+    """Raw channels: the code of sample i's channel at each position is that channel's value there.
+
+    Returns (code, unit) [N, H, W]: `code * unit * direction` is what the channel contributes to the
+    output (unit is 1 for a one-hot direction), so replace/ablate stay exact: `x - x_c * e_c` zeroes the
+    channel and leaves every other channel bit-identical.
+    """
+
+    def __init__(self, channels: Tensor) -> None:
+        self.channels = channels
+
+    def __call__(self, activation: Tensor) -> tuple[Tensor, Tensor]:
+        rows = activation.shape[0]
+        channels = self.channels.to(activation.device).repeat(rows // len(self.channels))
+        code = activation[torch.arange(rows, device=activation.device), channels]
+        return code, torch.ones_like(code)
+
+
+class SaeFeatureCodes:
+    """SAE features: per token, the code a_f of sample i's feature (`sae.encode`, top-k applied).
+
+    Returns (code, unit) [N, H, W]; unit is the token's std under `input_unit_norm` (1 otherwise), so
+    `a_f * unit * W_dec[f]` is exactly the feature's term of `sae.decode(codes)` in activation space, and
+    subtracting it leaves the rest of the reconstruction and the SAE error `x - decode(codes)` untouched.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, features: Tensor) -> None:
+        self.sae, self.features = sae, features
+
+    def __call__(self, activation: Tensor) -> tuple[Tensor, Tensor]:
+        rows, _, h, w = activation.shape
+        codes, stats = self.sae.encode_with_stats(sae_tokens(activation).to(self.sae.dtype))  # [N, HW, F]
+        features = self.features.to(codes.device).repeat(rows // len(self.features))
+        code = codes.gather(-1, features[:, None, None].expand(-1, codes.shape[1], 1)).squeeze(-1)
+        unit = stats.std.squeeze(-1) if stats is not None else torch.ones_like(code)
+        return code.reshape(rows, h, w), unit.reshape(rows, h, w)
+
+
+FeatureCodes = ChannelCodes | SaeFeatureCodes
+
+
+class SteeringHook:
+    """Steers each sample's own direction d (a one-hot channel or an SAE decoder row) at the layer output.
+
+    Per sample i and UNet call, with s = `strengths[i, call]`, only at calls where `steered[i, call]`
+    (default: every call), at every spatial position:
+
+    - add: x + s d (both CFG halves alike);
+    - cfg_aware: the conditional half x + s d, the unconditional half x - s d, so classifier-free
+      guidance (uncond + g (cond - uncond)) amplifies the push; needs the [uncond, cond] CFG batch;
+    - replace: x - a d + s d, where a d is the feature's part of x (`codes`): a raw channel's map
+      becomes s everywhere, an SAE feature's code becomes s at every token (its term in activation
+      space; the rest of x, SAE error included, is unchanged);
+    - ablate: x - a d: a raw channel becomes 0, an SAE feature is removed with the SAE error preserved
+      (= decode(codes with a_f = 0) + (x - decode(codes))). `strengths` do not apply.
+
+    Each sample has its own direction, strengths and calls, so samples steering different channels
+    share a batch; a batch of k x len(directions) rows (CFG) steers each block of rows alike.
+    """
+
+    def __init__(
+        self,
+        tracker: TimestepTracker,
+        directions: Tensor,
+        strengths: Tensor,
+        steered: Tensor | None = None,
+        mode: SteerMode = "add",
+        codes: FeatureCodes | None = None,
+    ) -> None:
         if directions.shape[0] != strengths.shape[0]:
             raise ValueError(f"{directions.shape[0]} directions but {strengths.shape[0]} strength rows")
+        if steered is not None and steered.shape != strengths.shape:
+            raise ValueError(f"steered has shape {tuple(steered.shape)}, strengths {tuple(strengths.shape)}")
+        if mode not in ("add", "replace", "cfg_aware", "ablate"):
+            raise ValueError(f"unknown steer mode {mode!r}; allowed: add, replace, cfg_aware, ablate")
+        if mode in ("replace", "ablate") and codes is None:
+            raise ValueError(f"steer mode {mode!r} needs the feature's codes (ChannelCodes or SaeFeatureCodes)")
         self.tracker, self.directions, self.strengths = tracker, directions, strengths
+        self.mode, self.codes = mode, codes
+        self.steered = torch.ones_like(strengths, dtype=torch.bool) if steered is None else steered.bool()
 
     def __call__(self, _module: nn.Module, _args: Any, output: Any) -> Any:
         call = self.tracker.call
@@ -177,9 +280,28 @@ class SteeringHook:
         activation = output_tensor(output)
         n = self.directions.shape[0]
         repeat = activation.shape[0] // n
-        added = (self.strengths[:, call, None] * self.directions).to(activation)
-        added = added.repeat(repeat, 1)[:, :, None, None]
-        return replace_output(output, activation + added)
+        if self.mode == "cfg_aware" and (repeat != 2 or activation.shape[0] != 2 * n):
+            raise RuntimeError(
+                f"cfg_aware steering needs the CFG batch [unconditional, conditional] of 2 x {n} rows; "
+                f"the layer output has {activation.shape[0]} (is guidance_scale > 1?)"
+            )
+        if not bool(self.steered[:, call].any()):
+            return output
+        on = self.steered[:, call].repeat(repeat)
+        strength = torch.where(on, self.strengths[:, call].repeat(repeat).float(), 0.0)
+        if self.mode == "cfg_aware":
+            strength = strength * torch.cat([-torch.ones(n), torch.ones(n)]).to(strength)
+        direction = self.directions.repeat(repeat, 1).float()
+        if self.mode in ("add", "cfg_aware"):
+            return replace_output(output, activation + (strength[:, None] * direction).to(activation)[:, :, None, None])
+        assert self.codes is not None
+        code, unit = (t.float() for t in self.codes(activation))
+        on = on[:, None, None]
+        steered = activation.float() - torch.where(on, code * unit, 0.0)[:, None] * direction[:, :, None, None]
+        if self.mode == "replace":
+            target = torch.where(on, strength[:, None, None] * unit, 0.0)
+            steered = steered + target[:, None] * direction[:, :, None, None]
+        return replace_output(output, steered.to(activation.dtype))
 
 
 @contextmanager

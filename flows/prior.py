@@ -1,4 +1,4 @@
-"""ddr-prior: steered generations from the empty prompt, channels as shards over Dask workers."""
+"""ddr-prior: steered (or ablated) generations per channel, channels as shards over Dask workers."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def prior_flow(overrides: list[str] | None = None, config_file: str | None = Non
     with tracking.stage_run(config, "prior", tags=prefect_tags()) as run:
         for kind in analysed_kinds(config):
             settings = prior.prior_settings(config, kind)
-            mlflow.log_params({f"{kind}.steer_strength_scale": settings.steer_strength_scale})
+            params = {f"{kind}.{key}": str(getattr(settings, key)) for key in prior.KIND_PARAMS}
+            mlflow.log_params({key: value[: tracking.MAX_PARAM_LENGTH] for key, value in params.items()})
             shards = prior.plan_prior(config, kind)
             path = prior.prepare_prior_store(config, kind)
             logger.info("prior %s: %d channel shards", kind, len(shards))
@@ -57,9 +58,17 @@ def prior_flow(overrides: list[str] | None = None, config_file: str | None = Non
             skipped = json.loads(stores.open_store(path).attrs["skipped_channels"])
             generated = sum(len(r["generated"]) for r in results)
             mlflow.log_metrics({f"{kind}_channels_generated": generated, f"{kind}_channels_skipped": len(skipped)})
+            effect = prior.mean_effect(path)
+            if effect is not None:
+                mlflow.log_metric(f"{kind}_mean_effect", effect)
             for r in results:
                 mlflow.log_artifact(r["contact_sheet"], artifact_path=f"prior/{kind}")
-            result[kind] = {"store": str(path), "generated": generated, "skipped_channels": len(skipped)}
+            result[kind] = {
+                "store": str(path),
+                "generated": generated,
+                "skipped_channels": len(skipped),
+                "mean_effect": effect,
+            }
         result["mlflow_run_id"] = run.info.run_id
     logger.info("prior done: %s", result)
     report_stage("prior", result, result["mlflow_run_id"], tracking.tracking_uri(config), config.experiment_name)

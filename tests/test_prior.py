@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -198,11 +199,13 @@ def test_steering_raises_the_target_channel_and_nothing_before_the_first_steered
     np.testing.assert_allclose(stored_latents(config, "raw").values[0], steered_latents.numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["raw", "sae"])
-def test_batched_equals_one_channel_per_call(data_root: Path, kind: str) -> None:
-    picks = "stages.prior.channels=[3,7,10,11,13]"
-    batched = experiment(data_root, f"batched-{kind}", picks, "stages.prior.channels_per_batch=3", kinds=(kind,))
-    single = experiment(data_root, f"single-{kind}", picks, "stages.prior.channels_per_batch=1", kinds=(kind,))
+@pytest.mark.parametrize(("kind", "mode"), [("raw", "add"), ("sae", "add"), ("sae", "replace")])
+def test_batched_equals_one_channel_per_call(data_root: Path, kind: str, mode: str) -> None:
+    picks = ["stages.prior.channels=[3,7,10,11,13]", f"stages.prior.steer_mode={mode}"]
+    batched = experiment(
+        data_root, f"batched-{kind}-{mode}", *picks, "stages.prior.channels_per_batch=3", kinds=(kind,)
+    )
+    single = experiment(data_root, f"single-{kind}-{mode}", *picks, "stages.prior.channels_per_batch=1", kinds=(kind,))
     calls = [sum(r["pipeline_calls"] for r in prior.run_prior(c, kind)["shards"]) for c in (batched, single)]
     assert calls == [3, 5]  # shards [3,7,10,11] + [13]: 2 + 1 batched calls vs 5
     a, b = stored_latents(batched, kind), stored_latents(single, kind)
@@ -330,6 +333,24 @@ def test_store_made_with_other_settings_is_refused_and_selection_can_grow(data_r
     latents = stored_latents(grown, "raw")
     assert latents.channel.values.tolist() == [3, 7]
     assert np.array_equal(latents.values[0], first)
+    with xr.open_zarr(stores.ExperimentLayout(grown.experiment_dir).prior_store("raw"), chunks=None) as ds:
+        schedule = prior.build_schedule(grown, "raw")  # the added row's schedule, not zeros
+        assert np.array_equal(ds["strength"].values, schedule.strength) and ds["steered"].values[1].any()
     other = tiny_config(data_root, *PRIOR, "experiment_name=grow", "stages.prior.steer_strength_scale=5")
     with pytest.raises(prior.PriorStoreMismatch, match="steer_strength_scale"):
         prior.prepare_prior_store(other, "raw")
+    for setting, shown in [
+        ("steer_mode=replace", "steer_mode (store 'add', now 'replace')"),
+        ("steer_end_t=300", "steer_end_t (store None, now 300)"),
+        ("prompt=a cat", "prompt (store '', now 'a cat')"),
+        ("guidance_scale=3", "guidance_scale (store 1.0, now 3.0)"),
+    ]:
+        changed = tiny_config(data_root, *PRIOR, "experiment_name=grow", f"stages.prior.{setting}")
+        with pytest.raises(prior.PriorStoreMismatch, match=re.escape(shown)):
+            prior.prepare_prior_store(changed, "raw")
+
+    # a store made before the steering modes (its params lack them) was made with add, no window, `prompt` source
+    store = stores.open_store(stores.ExperimentLayout(grown.experiment_dir).prior_store("raw"), mode="r+")
+    params = json.loads(store.attrs["params"])
+    store.attrs["params"] = json.dumps({k: v for k, v in params.items() if k not in prior.LEGACY_PARAMS})
+    assert prior.run_prior(grown, "raw")["generated"] == 0
