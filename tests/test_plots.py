@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,3 +115,48 @@ def test_unknown_kind_and_missing_analysis(tmp_path: Path) -> None:
         plots.plan_plots(config, "rgb")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match=r"run the timestep_analysis stage first"):
         plots.plan_plots(config, "raw")
+
+
+def test_a_mapped_top_example_is_drawn_as_its_heat_overlay(analysed: ExperimentConfig, monkeypatch) -> None:
+    drawn: dict[int, list[tuple[np.ndarray, str]]] = {}
+    render = plots.render_frame
+
+    def recording(info: Any, **kwargs: Any) -> Image.Image:
+        drawn.setdefault(info.channel, []).append((np.asarray(kwargs["image"]), kwargs["caption"]))
+        return render(info, **kwargs)
+
+    monkeypatch.setattr(plots, "render_frame", recording)
+    plots.plot_channels(analysed, "raw", [ONE_PEAK])  # no heatmaps yet: the plain image
+    plain = drawn.pop(ONE_PEAK)[0][0]
+
+    layout = stores.ExperimentLayout(analysed.experiment_dir)
+    group = stores.create_heatmap_store(
+        layout.heatmap_store("raw"),
+        channels=np.arange(N_CHANNELS),
+        peaks=1,
+        ranks=1,
+        results=0,
+        map_shape=(2, 2),
+        attrs={},
+    )
+    # ONE_PEAK's frame shows sample 0 at call 2 (the repeated 801); TWO_PEAKS' first frame sample 11 at call 0,
+    # but its store row names sample 3: a stale mapping, not drawn.
+    stores.write_heatmap_tables(
+        group,
+        np.array([ONE_PEAK, TWO_PEAKS]),
+        {"example_call": np.array([[2], [0]]), "example_sample": np.array([[[0]], [[3]]])},
+    )
+    stores.write_heatmap_maps(group, "example_map", ONE_PEAK, np.array([[[[0.0, 2.5], [-1.0, 0.0]]]]))
+    for channel in (ONE_PEAK, TWO_PEAKS):
+        path = stores.heatmap_overlay_path(layout, "raw", channel, 0, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (255, 0, 255)).save(path)
+        stores.mark_heatmap_done(layout, "raw", "examples", channel, {})
+        marker = stores.heatmap_marker_path(layout, "raw", "examples", channel)
+        os.utime(marker, (marker.stat().st_atime, marker.stat().st_mtime + 10))  # mapped after the plot
+
+    plots.plot_channels(analysed, "raw", [ONE_PEAK, TWO_PEAKS])  # no overwrite: redrawn since newly mapped
+    ((image, caption),) = drawn[ONE_PEAK]
+    assert (image == (255, 0, 255)).all() and not (plain == (255, 0, 255)).all(axis=-1).any()
+    assert caption.endswith("heat: its spatial map at this call (0..2.5)")
+    assert all("heat" not in c and not (i == (255, 0, 255)).all(axis=-1).any() for i, c in drawn[TWO_PEAKS])

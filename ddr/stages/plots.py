@@ -6,6 +6,11 @@ does) above its max-activation curve, beside the top dataset example for a peak 
 A channel with two or more peaks gets a GIF with one frame per peak (highest first); otherwise a
 PNG (for the highest peak, or where the profile is highest when it has none). Inactive channels
 get no plot. Rendering uses matplotlib's Agg canvas directly (no pyplot, no global backend).
+
+When the heatmaps stage has mapped the channel (`heatmaps/<kind>.zarr`), a frame whose peak and
+top example it mapped shows that example's heat overlay (its spatial activation map at the
+frame's UNet call over the image) instead of the plain image, and the caption says so; other
+frames show the plain image.
 """
 
 from __future__ import annotations
@@ -100,11 +105,45 @@ class _Channel:
 
     def example_at(self, t: int, timesteps: np.ndarray) -> tuple[int, int, float]:
         """(call, sample, value): the top example at the captured call nearest t (of repeats, the strongest)."""
-        distance = np.abs(timesteps - t)
-        calls = np.flatnonzero(distance == distance.min())
-        values = np.where(np.isnan(self.top_value[calls]), -np.inf, self.top_value[calls])
-        call = int(calls[int(np.argmax(values))])
+        call = nearest_call(timesteps, t, self.top_value)
         return call, int(self.top_sample[call]), float(self.top_value[call])
+
+
+def nearest_call(timesteps: np.ndarray, t: int, strength: np.ndarray) -> int:
+    """The UNet call whose timestep is nearest t; of several (PNDM visits one value twice), the one with the
+    largest `strength` (NaN counts as lowest; ties: the earlier call). The heatmaps stage maps this call."""
+    distance = np.abs(np.asarray(timesteps, dtype=np.int64) - int(t))
+    calls = np.flatnonzero(distance == distance.min())
+    values = np.where(np.isnan(strength[calls]), -np.inf, strength[calls])
+    return int(calls[int(np.argmax(values))])
+
+
+class _Heatmaps:
+    """The heatmaps stage's overlays of one kind, where it has mapped a channel (no store: no overlays)."""
+
+    def __init__(self, config: ExperimentConfig, kind: Kind) -> None:
+        self.layout, self.kind = stores.ExperimentLayout(config.experiment_dir), kind
+        path = self.layout.heatmap_store(kind)
+        self.group = stores.open_store(path) if path.exists() else None
+        self.row = {int(c): i for i, c in enumerate(self.group["channel"][:])} if self.group is not None else {}
+        self.done = stores.heatmap_done_channels(self.layout, kind, "examples") if self.group is not None else set()
+
+    def mapped_at(self, channel: int) -> float:
+        """When the channel's maps were written (its marker's mtime; -inf when it has none)."""
+        if channel not in self.done:
+            return -np.inf
+        return stores.heatmap_marker_path(self.layout, self.kind, "examples", channel).stat().st_mtime
+
+    def overlay(self, channel: int, peak: int, call: int, sample: int) -> tuple[Path, float] | None:
+        """(overlay PNG, map max) of the channel's top example at this peak, if that very call and sample was mapped."""
+        if self.group is None or channel not in self.done or peak >= self.group["example_call"].shape[1]:
+            return None
+        row = self.row[channel]
+        same_call = int(self.group["example_call"][row, peak]) == call
+        if not same_call or int(self.group["example_sample"][row, peak, 0]) != sample:
+            return None
+        path = stores.heatmap_overlay_path(self.layout, self.kind, channel, peak, 0)
+        return (path, float(np.max(self.group["example_map"][row, peak, 0]))) if path.is_file() else None
 
 
 def _read_channels(group: zarr.Group, channels: list[int]) -> list[_Channel]:
@@ -237,6 +276,7 @@ def plot_channels(config: ExperimentConfig, kind: Kind, channels: list[int], *, 
     total = int(group.attrs["total_timesteps"])
     summary = path.with_name(f"{kind}.summary.json")
     analysed_at = summary.stat().st_mtime if summary.is_file() else float("inf")
+    heat = _Heatmaps(config, kind)
     written: list[Path] = []
     for info in _read_channels(group, [int(c) for c in channels]):
         frames_t = info.frames()
@@ -246,14 +286,19 @@ def plot_channels(config: ExperimentConfig, kind: Kind, channels: list[int], *, 
         if not (info.profile > 0).any():
             target.unlink(missing_ok=True)
             continue
-        if not overwrite and target.is_file() and target.stat().st_mtime >= analysed_at:
+        fresh = target.is_file() and target.stat().st_mtime >= max(analysed_at, heat.mapped_at(info.channel))
+        if not overwrite and fresh:
             written.append(target)
             continue
         frames = []
-        for t in frames_t:
+        for peak, t in enumerate(frames_t):
             call, sample, value = info.example_at(t, timesteps)
             image = _load_image(_image_path(str(images[sample]), roots)) if sample >= 0 else None
             caption = _caption(str(prompts[sample]), sample, int(timesteps[call]), value) if sample >= 0 else ""
+            mapped = heat.overlay(info.channel, peak, call, sample) if sample >= 0 and info.peak_t[0] >= 0 else None
+            if mapped is not None:
+                image = _load_image(mapped[0])
+                caption += f"\nheat: its spatial map at this call (0..{mapped[1]:.3g})"
             frames.append(
                 render_frame(
                     info,
