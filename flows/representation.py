@@ -39,7 +39,7 @@ def representation_shards(
 
 @flow(name="ddr-representation")
 def representation_flow(overrides: list[str] | None = None, config_file: str | None = None) -> dict[str, Any]:
-    """Index every channel (and SAE feature) with its profile, peaks, examples, priors and deep dreams."""
+    """Index every channel (and SAE feature): profile, peaks, examples, priors, deep dreams, heatmaps, concepts."""
     logger = get_run_logger()
     config = load(overrides, config_file)
     result: dict[str, Any] = {}
@@ -61,6 +61,8 @@ def representation_flow(overrides: list[str] | None = None, config_file: str | N
                     f"{kind}_active_channels": summary["n_active"],
                     f"{kind}_channels_with_priors": summary["n_with_priors"],
                     f"{kind}_channels_with_dreams": summary["n_with_dreams"],
+                    f"{kind}_channels_with_heatmaps": summary["n_with_heatmaps"],
+                    f"{kind}_concepts": len(summary["concepts"]),
                 }
             )
             index = representation.representation_dir(config, kind) / "index.json"

@@ -24,7 +24,7 @@ from streamlit.testing.v1 import AppTest
 from ddr.inspector import APP
 from ddr.inspector.data import KindView
 from ddr.stages import representation
-from tests.test_representation import bare_experiment, demo_config, demo_root
+from tests.test_representation import HAND_CONCEPT, bare_experiment, demo_config, demo_root, hand_experiment
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 TIMEOUT = 120
@@ -71,7 +71,7 @@ def test_app_switches_modes_steps_through_channels_and_timesteps_and_opens_every
     assert first == next(c for c in view.order if view.rows[c]["n_dreams"]), "opens on a channel with dreams"
     assert at.header[0].value == f"Raw channel {first}"
     assert len(at.get("vega_lite_chart")) >= 2, "activity profile and max-activation charts"
-    assert [t.label for t in at.tabs] == ["Deep dreams", "Dataset examples", "Priors", "Channel overview"]
+    assert [t.label for t in at.tabs] == ["Deep dreams", "Dataset examples", "Priors", "Channel overview", "Concepts"]
     channel = view.channel(first)
     assert at.session_state["t"] == channel.peaks[0][0], "starts at the highest peak"
 
@@ -214,6 +214,123 @@ def test_ddr_inspect_runs_streamlit_on_loopback_unless_told_otherwise(
     assert first[first.index("run") + 1] == str(APP)
     assert second[second.index("--server.address") + 1] == "0.0.0.0"
     assert second[second.index("--server.port") + 1] == "8501"
+
+
+# --- issue 9: heatmaps, attribution, accentuation, ablation, concepts (hand-written stores, no model) ----------
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = hand_experiment(tmp_path_factory.mktemp("hand-inspector"))
+    representation.run_representation(config)
+    return config.experiment_dir
+
+
+def image_captions(block: Any) -> list[str]:
+    return [c for image in block.get("image") for c in image.captions]
+
+
+def test_heatmap_toggles_swap_examples_and_priors_for_their_overlays(
+    hand: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = open_app(hand, monkeypatch)
+    assert (at.session_state["channel_raw"], at.session_state["t"]) == (1, 500), "channel 1 at its peak"
+    assert not any("where it fires" in c for c in image_captions(tab(at, "Dataset examples")))
+    at.toggle(key="show_heatmaps").set_value(True)
+    run(at)
+    shown = image_captions(tab(at, "Dataset examples"))
+    assert [c.split(" · ")[:3] for c in shown] == [
+        ["where it fires", "map max 3", "#1"],
+        ["where it fires", "map max 2", "#2"],
+    ], "each ranked example shows its overlay, highest first"
+    assert shown[0].endswith("sample 2: a red square")
+    at.slider(key="t").set_value(900)
+    run(at)
+    assert any("No heatmap at timestep 900" in i.value and "t = [500]" in i.value for i in at.info)
+    assert not any("where it fires" in c for c in image_captions(tab(at, "Dataset examples")))
+    at.button(key="heatmap_t_0_0").click()
+    run(at)
+    assert at.session_state["t"] == 500, "jump to the peak the maps exist for"
+
+    priors = tab(at, "Priors")
+    assert not any("where it fires" in c for c in image_captions(priors))
+    at.toggle(key="show_prior_heatmaps").set_value(True)
+    run(at)
+    assert [c for c in image_captions(tab(at, "Priors")) if "where it fires" in c] == [
+        "seed 1 · ablated · where it fires at t = 500",
+        "seed 2 · ablated · where it fires at t = 500",
+    ]
+
+
+def test_ablation_shows_baseline_beside_ablated_with_mode_window_and_effect(
+    hand: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = open_app(hand, monkeypatch)
+    priors = tab(at, "Priors")
+    assert image_captions(priors) == ["seed 1 · baseline", "seed 1 · ablated", "seed 2 · baseline", "seed 2 · ablated"]
+    assert [(m.label, m.value) for m in priors.get("metric")] == [("effect", "-0.5"), ("effect", "-0.25")]
+    caption = " ".join(c.value for c in priors.get("caption"))
+    assert "prompt 'a red circle'" in caption and "steering mode: ablate" in caption and "t = 800…200" in caption
+
+
+def test_dreams_show_the_start_image_the_attribution_toggle_and_the_new_metrics(
+    hand: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = open_app(hand, monkeypatch)
+    dreams = tab(at, "Deep dreams")
+    run_label = at.selectbox(key="dream_run_1")
+    assert run_label.format_func(0) == (
+        "accent — negative · accentuation from examples (distance ≤ 3) · phase-only · diversity w=0.5"
+    )
+    assert image_captions(dreams)[:2] == ["start: dataset sample 2: a red square", "final, seed 1, t = 500"]
+    metrics = {m.label: m.value for m in dreams.get("metric")}
+    assert metrics["seed distance"] == "1" and metrics["seed similarity (diversity)"] == "0.3"
+    at.toggle(key="show_attribution").set_value(True)
+    run(at)
+    shown = image_captions(tab(at, "Deep dreams"))
+    assert "attribution · final, seed 1, t = 500" in shown
+    assert [c for c in shown if c.startswith("attribution · seed")] == [
+        "attribution · seed 1 · norm. act. 1",
+        "attribution · seed 2 · norm. act. 2",
+    ]
+    overview = tab(at, "Channel overview")
+    assert overview.get("dataframe")[0].value["settings"][0].startswith("negative")
+    at.selectbox(key="overview_metric").set_value("dream_diversity")
+    run(at)
+    assert at.selectbox(key="overview_metric").value == "dream_diversity"
+
+
+def test_concepts_view_lists_the_ranking_and_opens_each_channel_at_its_best_timestep(
+    hand: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = open_app(hand, monkeypatch)
+    concepts = tab(at, "Concepts")
+    labels = [b.label for b in concepts.get("button")]
+    assert labels == [f"open {e['channel']} at t = {e['best_timestep']}" for e in HAND_CONCEPT]
+    chart = concepts.get("vega_lite_chart")
+    assert len(chart) == 1 and "concept score per timestep (top 3)" in chart[0].proto.spec
+    at.checkbox(key="only_active").check()
+    run(at)
+    at.button(key="concept_open_1").click()  # channel 0: inactive, so "only active" is lifted
+    run(at)
+    assert (at.session_state["channel_raw"], at.session_state["t"]) == (0, 500)
+    assert at.header[0].value == "Raw channel 0" and not at.session_state["only_active"]
+    at.button(key="concept_open_0").click()
+    run(at)
+    assert (at.session_state["channel_raw"], at.session_state["t"]) == (2, 900)
+    assert at.slider(key="t").value == 900
+
+
+def test_new_views_without_their_stores_say_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = hand_experiment(tmp_path, new_results=False)
+    representation.run_representation(config)
+    at = open_app(config.experiment_dir, monkeypatch)
+    at.toggle(key="show_heatmaps").set_value(True)
+    run(at)
+    infos = [i.value for i in at.info]
+    assert any(i.startswith("No heatmaps yet: no heatmap store at heatmaps/raw.zarr") for i in infos)
+    assert any(i.startswith("No concept search yet") for i in infos)
+    assert tab(at, "Dataset examples").get("image"), "the plain examples still show"
 
 
 # --- a real browser --------------------------------------------------------------------------------------

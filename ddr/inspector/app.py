@@ -3,9 +3,13 @@
 Run with `ddr inspect` (or `streamlit run ddr/inspector/app.py -- --experiment-dir DIR`; the
 folder may also come from $DDR_EXPERIMENT_DIR or the sidebar). Shows, per raw channel or SAE
 feature: the activity profile with its peaks and the selected timestep, the max activation over
-timesteps, and tabs for deep dreams (run, timestep, seed, optimisation steps, metrics, MLflow
-run), ranked dataset examples with prompts, priors, and an overview of every channel sorted by
-a metric. A stage that has not run shows what to run instead of failing.
+timesteps, and tabs for deep dreams (run with its settings, timestep, seed, optimisation steps,
+metrics with seed distance and diversity, the start image of an accentuation, an attribution
+toggle, MLflow run), ranked dataset examples with prompts (a toggle shows where the channel fires
+in them, at the peaks the heatmap stage mapped), priors (steering mode and window; an ablation's
+baseline beside it with the effect; the same heatmap toggle), an overview of every channel sorted
+by a metric, and concept-search rankings whose rows open a channel at its best timestep. A stage
+that has not run shows what to run instead of failing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from ddr.inspector.data import KIND_LABELS, KINDS, METRICS, Channel, KindView, a
 SINGULAR = {"raw": "Raw channel", "sae": "SAE feature"}
 OVERVIEW_ROWS = 200
 EXAMPLE_COLUMNS = 4
+CONCEPT_ROWS = 20
+CONCEPT_COLUMNS = [1, 2, 2, 2, 3]
+CONCEPT_CHART_CHANNELS = 5
 
 
 def _argument_dir() -> str:
@@ -99,6 +106,15 @@ def _open_channel(kind: str) -> None:
         st.session_state["only_active"] = False
         st.session_state[_channel_key(kind)] = int(value)
     st.session_state["overview_open"] = None
+
+
+def _open_at(view: KindView, channel: int, t: int) -> None:
+    """Select a channel at a timestep (a concept ranking's row): the t set here is kept, not the channel's default."""
+    if st.session_state.get("only_active") and channel not in view.active_channels:
+        st.session_state["only_active"] = False
+    st.session_state[_channel_key(view.kind)] = int(channel)
+    st.session_state["t"] = int(t)
+    st.session_state["t_for"] = (view.kind, int(channel))
 
 
 def _first_channel(view: KindView, options: list[int]) -> int:
@@ -197,6 +213,11 @@ def _image(view: KindView, relative: str | None, caption: str) -> None:
         st.image(str(path), caption=caption, width="stretch")
 
 
+def _run_label(run: dict[str, Any]) -> str:
+    label = run["run"] + (f" ({run['label']})" if run.get("label") else "")
+    return label + (f" — {run['summary']}" if run.get("summary") else "")
+
+
 def dreams_tab(view: KindView, channel: Channel, t: int) -> None:
     if not channel.dreams:
         if not view.dream_runs:
@@ -208,10 +229,9 @@ def dreams_tab(view: KindView, channel: Channel, t: int) -> None:
             st.info(f"No deep dreams for {SINGULAR[view.kind].lower()} {channel.channel} in the runs {runs}.")
         return
     runs = channel.dreams
-    labels = [f"{r['run']}" + (f" ({r['label']})" if r.get("label") else "") for r in runs]
     pick = st.columns([2, 1, 2])
     run_i = pick[0].selectbox(
-        "Run", range(len(runs)), format_func=lambda i: labels[i], key=f"dream_run_{channel.channel}"
+        "Run", range(len(runs)), format_func=lambda i: _run_label(runs[i]), key=f"dream_run_{channel.channel}"
     )
     run = runs[run_i]
     targets = run["targets"]
@@ -225,7 +245,8 @@ def dreams_tab(view: KindView, channel: Channel, t: int) -> None:
         key=f"dream_t_{channel.channel}_{run_i}_{t}",
         help="the dream's timestep nearest the selected t; pick another here",
     )
-    results = targets[target_i]["results"]
+    target = targets[target_i]
+    results = target["results"]
     result_i = pick[2].radio(
         "Seed variant",
         range(len(results)),
@@ -234,6 +255,11 @@ def dreams_tab(view: KindView, channel: Channel, t: int) -> None:
         key=f"dream_seed_{channel.channel}_{run_i}_{target_i}",
     )
     result = results[result_i]
+    attribution = st.toggle(
+        "show attribution (|d activation / d latent| over the optimisation)",
+        key="show_attribution",
+        help="swaps the final images for their attribution overlays",
+    )
     left, right = st.columns([3, 2])
     with left:
         steps = [s["step"] for s in result["snapshots"]]
@@ -249,7 +275,12 @@ def dreams_tab(view: KindView, channel: Channel, t: int) -> None:
             else "final"
         )
         if step == "final":
-            _image(view, result.get("image"), f"final, seed {result['seed']}, t = {ts[target_i]}")
+            shown = st.columns(2) if result.get("start_image") else [st.container()]
+            if result.get("start_image"):
+                with shown[0]:
+                    _image(view, result["start_image"], _start_caption(view, result))
+            with shown[-1]:
+                _dream_image(view, result, f"final, seed {result['seed']}, t = {ts[target_i]}", attribution)
         else:
             snapshot = next(s for s in result["snapshots"] if s["step"] == step)
             activation = _fmt(snapshot.get("activation"))
@@ -261,6 +292,14 @@ def dreams_tab(view: KindView, channel: Channel, t: int) -> None:
         a.metric("selectivity", _fmt(result.get("selectivity")))
         failed = result.get("failed_step", -1)
         b.metric("failed at step", "did not fail" if failed is None or failed < 0 else str(failed))
+        if result.get("seed_distance") is not None:
+            a.metric("seed distance", _fmt(result["seed_distance"]), help="distance of the result from its start")
+        if target.get("diversity") is not None:
+            b.metric(
+                "seed similarity (diversity)",
+                _fmt(target["diversity"]),
+                help="mean pairwise similarity of this target's results: lower means more distinct facets",
+            )
         chart = history_chart(result["snapshots"], step)
         if chart is not None:
             st.altair_chart(chart, width="stretch")
@@ -269,11 +308,30 @@ def dreams_tab(view: KindView, channel: Channel, t: int) -> None:
     columns = st.columns(max(1, len(results)))
     for column, r in zip(columns, results, strict=False):
         with column:
-            _image(view, r.get("image"), f"seed {r['seed']} · norm. act. {_fmt(r.get('normalized_activation'))}")
+            _dream_image(view, r, f"seed {r['seed']} · norm. act. {_fmt(r.get('normalized_activation'))}", attribution)
+    settings = {**(run.get("settings") or {})}
     params = next((d.get("params") for d in view.dream_runs if d["run"] == run["run"]), None)
-    if params:
+    if params or settings:
         with st.expander("run parameters"):
-            st.json(params)
+            st.json({**(params or {}), **settings})
+
+
+def _start_caption(view: KindView, result: dict[str, Any]) -> str:
+    sample = result.get("start_sample")
+    if sample is None or not 0 <= sample < len(view.prompts):
+        return "start (noised to t)"
+    return f"start: dataset sample {sample}: {view.prompts[sample]}"
+
+
+def _dream_image(view: KindView, result: dict[str, Any], caption: str, attribution: bool) -> None:
+    """The final dream image, or its attribution overlay when asked (saying so when there is none)."""
+    if not attribution:
+        _image(view, result.get("image"), caption)
+    elif result.get("attribution"):
+        _image(view, result["attribution"], f"attribution · {caption}")
+    else:
+        st.caption(f"(no attribution saved for this result)  \n{caption}")
+        _image(view, result.get("image"), caption)
 
 
 def _mlflow(view: KindView, run: dict[str, Any]) -> None:
@@ -291,7 +349,20 @@ def _mlflow(view: KindView, run: dict[str, Any]) -> None:
             st.caption(link.hint)
 
 
+def _heatmaps_missing(view: KindView, channel: Channel, what: str) -> str:
+    if "heatmaps" in view.absent:
+        return f"No heatmaps yet: {view.absent['heatmaps']}. Run `ddr run heatmaps`."
+    return f"No heatmaps of {what} for {SINGULAR[view.kind].lower()} {channel.channel}."
+
+
 def examples_tab(view: KindView, channel: Channel, t: int) -> None:
+    show_maps = st.toggle(
+        "show where it fires",
+        key="show_heatmaps",
+        help="the activation's spatial map over each example (kept at the channel's peak timesteps)",
+    )
+    if show_maps and not channel.heatmaps["examples"]:
+        st.info(_heatmaps_missing(view, channel, "its dataset examples"))
     calls = channel.calls_near(t)
     for call in calls:
         value = int(channel.timesteps[call])
@@ -300,16 +371,51 @@ def examples_tab(view: KindView, channel: Channel, t: int) -> None:
         if not examples:
             st.info("No dataset examples recorded at this call.")
             continue
+        maps = channel.example_heatmaps(call) if show_maps else {}
+        if show_maps and channel.heatmaps["examples"] and not maps:
+            elsewhere = [c for c in calls if channel.example_heatmaps(c)]
+            if elsewhere:  # a timestep value the scheduler visits twice: the maps are kept at one of its calls
+                st.caption(f"No heatmap at this call; this timestep's maps are at UNet call {elsewhere[0]}.")
+            else:
+                mapped = channel.heatmap_timesteps()
+                st.info(f"No heatmap at timestep {value}: maps exist at the peak timesteps t = {mapped}.")
+                jump = st.columns(max(6, len(mapped)))
+                for i, peak in enumerate(mapped):
+                    jump[i].button(f"t = {peak}", key=f"heatmap_t_{call}_{i}", on_click=_set_t, args=(peak,))
         columns = st.columns(EXAMPLE_COLUMNS)
         for i, example in enumerate(examples):
             with columns[i % EXAMPLE_COLUMNS]:
                 caption = (
                     f"#{example.rank + 1} · activation {example.value:.3g} · sample {example.sample}: {example.prompt}"
                 )
-                if example.image is None:
+                entry = maps.get(example.sample)
+                overlay = view.path(entry.get("overlay")) if entry else None
+                if overlay is not None:
+                    caption = f"where it fires · map max {entry['map_max']:.3g} · {caption}"
+                    st.image(str(overlay), caption=caption, width="stretch")
+                elif example.image is None:
                     st.caption(f"(image not saved) {caption}")
                 else:
                     st.image(str(example.image), caption=caption, width="stretch")
+
+
+def _prior_caption(prior: dict[str, Any]) -> str:
+    prompt = prior.get("prompt")
+    if prior.get("prompt_source") == "top_examples":
+        parts = ["regenerated from the channel's top dataset examples (their prompts and seeds)"]
+    else:
+        parts = [f"generated from the prompt {prompt!r}" if prompt else "generated from the empty prompt"]
+    if prior.get("guidance_scale") is not None:
+        parts.append(f"guidance {prior['guidance_scale']}")
+    parts.append(f"steering mode: {prior.get('mode') or 'add'}")
+    window = prior.get("window")
+    if window:
+        start, end = window
+        parts.append(f"window t = {'—' if start is None else start}…{'—' if end is None else end}")
+    steered = prior.get("steered_timesteps") or []
+    if steered:
+        parts.append(f"steered at timesteps {steered}")
+    return " · ".join(parts)
 
 
 def priors_tab(view: KindView, channel: Channel) -> None:
@@ -323,12 +429,43 @@ def priors_tab(view: KindView, channel: Channel) -> None:
                 "(inactive, or outside the prior stage's channel selection)."
             )
         return
-    steered = prior.get("steered_timesteps") or []
-    st.caption(f"generated from the empty prompt, steered at timesteps {steered}" if steered else "steered generation")
+    st.caption(_prior_caption(prior))
+    show_maps = st.toggle("show where it fires", key="show_prior_heatmaps", help="the channel's map over each prior")
+    maps = channel.prior_heatmaps() if show_maps else {}
+    if show_maps and not maps:
+        st.info(_heatmaps_missing(view, channel, "its priors"))
+    if prior.get("mode") == "ablate":
+        _ablation(view, prior, maps)
+        return
     columns = st.columns(max(1, min(len(prior["results"]), 5)))
     for i, result in enumerate(prior["results"]):
         with columns[i % len(columns)]:
-            _image(view, result.get("image"), f"seed {result['seed']}")
+            _prior_image(view, result, maps, _prior_label(result))
+
+
+def _prior_label(result: dict[str, Any]) -> str:
+    """`seed S`, with the regenerated dataset example's prompt when the prior is one (prompt_source=top_examples)."""
+    return f"seed {result['seed']}" + (f" · {result['prompt']}" if result.get("prompt") else "")
+
+
+def _prior_image(view: KindView, result: dict[str, Any], maps: dict[int, dict[str, Any]], caption: str) -> None:
+    """A prior, or its heatmap overlay when one is shown and exists."""
+    entry = maps.get(result["result"])
+    if entry and view.path(entry.get("overlay")) is not None:
+        _image(view, entry["overlay"], f"{caption} · where it fires at t = {entry.get('t')}")
+    else:
+        _image(view, result.get("image"), caption)
+
+
+def _ablation(view: KindView, prior: dict[str, Any], maps: dict[int, dict[str, Any]]) -> None:
+    """Per seed: the prompted generation without intervention beside the one with the feature ablated."""
+    for result in prior["results"]:
+        baseline, ablated, effect = st.columns([2, 2, 1])
+        with baseline:
+            _image(view, result.get("baseline"), f"{_prior_label(result)} · baseline")
+        with ablated:
+            _prior_image(view, result, maps, f"{_prior_label(result)} · ablated")
+        effect.metric("effect", _fmt(result.get("effect")), help=prior.get("effect_rule") or "ablated vs baseline")
 
 
 def overview_tab(view: KindView) -> None:
@@ -336,6 +473,9 @@ def overview_tab(view: KindView) -> None:
     if not metrics:
         st.info("No metric to sort by.")
         return
+    if view.dream_runs:
+        st.caption("deep-dream runs")
+        st.dataframe(pd.DataFrame(view.run_overview()), hide_index=True, width="stretch")
     metric = st.selectbox("Sort channels by", metrics, format_func=lambda m: METRICS[m], key="overview_metric")
     run = None
     if metric.startswith("dream_") and len(view.dream_runs) > 1:
@@ -353,6 +493,61 @@ def overview_tab(view: KindView) -> None:
         key="overview_open",
         on_change=_open_channel,
         args=(view.kind,),
+    )
+
+
+def concepts_tab(view: KindView) -> None:
+    concepts = view.concepts
+    if not concepts:
+        reason = view.absent.get("concepts", "no concept rankings")
+        st.info(f"No concept search yet: {reason}. Run `ddr run concept_search`.")
+        return
+    i = st.selectbox(
+        "Concept",
+        range(len(concepts)),
+        format_func=lambda j: f"{concepts[j]['name']} ({concepts[j]['n_concept']} vs {concepts[j]['n_rest']} samples)",
+        key="concept",
+    )
+    concept = concepts[i]
+    if concept.get("score_rule"):
+        st.caption(f"score: {concept['score_rule']}")
+    top = concept["top"][:CONCEPT_ROWS]
+    header = st.columns(CONCEPT_COLUMNS)
+    titles = ("rank", SINGULAR[view.kind].lower(), "mean score", "best timestep (score)", "")
+    for column, title in zip(header, titles, strict=True):
+        column.markdown(f"**{title}**")
+    for rank, entry in enumerate(top):
+        channel, best = int(entry["channel"]), int(entry["best_timestep"])
+        row = st.columns(CONCEPT_COLUMNS)
+        row[0].write(f"#{rank + 1}")
+        row[1].write(str(channel) + ("" if view.rows.get(channel, {}).get("active") else " (inactive)"))
+        row[2].write(_fmt(entry.get("score")))
+        row[3].write(f"{best}" + (f" ({_fmt(entry['best_score'])})" if entry.get("best_score") is not None else ""))
+        row[4].button(
+            f"open {channel} at t = {best}",
+            key=f"concept_open_{rank}",
+            on_click=_open_at,
+            args=(view, channel, min(max(best, 0), view.total_timesteps)),
+            disabled=channel not in view.position,
+        )
+    scores = view.concept_scores(concept, [int(e["channel"]) for e in top[:CONCEPT_CHART_CHANNELS]])
+    if scores:
+        st.altair_chart(concept_chart(scores, view.total_timesteps), width="stretch")
+
+
+def concept_chart(scores: dict[int, tuple[np.ndarray, np.ndarray]], total: int) -> alt.Chart:
+    """The top channels' concept score per UNet call."""
+    frame = pd.concat(
+        pd.DataFrame({"t": timesteps, "score": values, "channel": str(channel)})
+        for channel, (timesteps, values) in scores.items()
+    )
+    return (
+        alt.Chart(frame)
+        .mark_line(point=True)
+        .encode(
+            x=_x(total), y=alt.Y("score:Q", title="concept score"), color="channel:N", tooltip=["channel", "t", "score"]
+        )
+        .properties(title=f"concept score per timestep (top {len(scores)})", height=220)
     )
 
 
@@ -436,7 +631,7 @@ def main() -> None:
     left.altair_chart(profile_chart(channel, view.total_timesteps, t), width="stretch")
     right.altair_chart(max_activation_chart(channel, view.total_timesteps, t), width="stretch")
 
-    tabs = st.tabs(["Deep dreams", "Dataset examples", "Priors", "Channel overview"])
+    tabs = st.tabs(["Deep dreams", "Dataset examples", "Priors", "Channel overview", "Concepts"])
     with tabs[0]:
         dreams_tab(view, channel, t)
     with tabs[1]:
@@ -445,6 +640,8 @@ def main() -> None:
         priors_tab(view, channel)
     with tabs[3]:
         overview_tab(view)
+    with tabs[4]:
+        concepts_tab(view)
 
 
 main()

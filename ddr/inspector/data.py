@@ -27,7 +27,12 @@ METRICS = {
     "peak_frequency": "activity: peak top-k frequency",
     "max_activation": "max activation over timesteps",
     "n_active_t": "activity: active timesteps",
+    "dream_diversity": "deep dream: mean pairwise similarity of a target's seeds (lowest; low = distinct facets)",
+    "dream_seed_distance": "deep dream: distance from the seed example (largest)",
+    "prior_effect": "prior ablation: mean image change against the baseline",
+    "heatmap_max": "heatmaps: highest map value in the top examples",
 }
+LOWER_FIRST = {"dream_diversity"}  # metrics whose interesting end is the low one
 
 
 class RepresentationMissing(FileNotFoundError):
@@ -142,6 +147,24 @@ class Channel:
     def dreams(self) -> list[dict[str, Any]]:
         return list(self.details.get("dreams") or [])
 
+    @property
+    def heatmaps(self) -> dict[str, list[dict[str, Any]]]:
+        """{"examples": [...], "priors": [...]}: where the channel fires in its top examples and priors."""
+        found = self.details.get("heatmaps") or {}
+        return {"examples": list(found.get("examples") or []), "priors": list(found.get("priors") or [])}
+
+    def heatmap_timesteps(self) -> list[int]:
+        """The timesteps (peaks) at which example maps exist, highest first."""
+        return sorted({int(e["t"]) for e in self.heatmaps["examples"]}, reverse=True)
+
+    def example_heatmaps(self, call: int) -> dict[int, dict[str, Any]]:
+        """sample -> its map at one captured call (empty when the call is not a mapped peak)."""
+        return {int(e["sample"]): e for e in self.heatmaps["examples"] if e["call"] == call}
+
+    def prior_heatmaps(self) -> dict[int, dict[str, Any]]:
+        """result -> the map of that prior."""
+        return {int(entry["result"]): entry for entry in self.heatmaps["priors"]}
+
     def dream_timesteps(self) -> list[int]:
         return sorted({int(t["t"]) for run in self.dreams for t in run["targets"]})
 
@@ -212,13 +235,29 @@ class KindView:
     def absent(self) -> dict[str, str]:
         return dict(self.index.get("absent") or {})
 
-    def path(self, relative: str | None) -> Path | None:
-        """An existing file for a stored path (relative to the experiment folder), else None."""
+    @property
+    def concepts(self) -> list[dict[str, Any]]:
+        """Concept-search rankings: {name, slug, n_concept, n_rest, score, top: [{channel, score, best_timestep}]}."""
+        return list(self.index.get("concepts") or [])
+
+    def path(self, relative: str | None, *, folder: bool = False) -> Path | None:
+        """An existing file (or folder, such as a Zarr store) for a stored path relative to the experiment folder."""
         if not relative:
             return None
         path = Path(relative)
         path = path if path.is_absolute() else self.experiment_dir / path
-        return path if path.is_file() else None
+        return path if (path.is_dir() if folder else path.is_file()) else None
+
+    def concept_scores(self, concept: dict[str, Any], channels: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """channel -> (timesteps, score per UNet call) from the concept's store; {} without a store."""
+        store = self.path(concept.get("store"), folder=True)
+        if store is None:
+            return {}
+        group = zarr.open_group(str(store), mode="r")
+        dim = "feature" if "feature" in group else "channel"
+        row_of = {int(c): i for i, c in enumerate(group[dim][:])}
+        timesteps = np.asarray(group["timestep"][:], dtype=np.int64)
+        return {c: (timesteps, np.asarray(group["score"][row_of[c]])) for c in channels if c in row_of}
 
     def channel(self, channel: int) -> Channel:
         if channel not in self.position:
@@ -277,8 +316,21 @@ class KindView:
                     "dreams": r["n_dreams"],
                 }
             )
-        rows.sort(key=lambda x: (x["value"] is None, -(x["value"] or 0.0), x["channel"]))
+        sign = 1.0 if metric in LOWER_FIRST else -1.0
+        rows.sort(key=lambda x: (x["value"] is None, sign * (x["value"] or 0.0), x["channel"]))
         return rows
+
+    def run_overview(self) -> list[dict[str, Any]]:
+        """One row per deep-dream run: its settings summary and the means of its per-channel figures."""
+        out = []
+        for run in self.dream_runs:
+            per_channel = [r["dreams"][run["run"]] for r in self.index["channels"] if run["run"] in r.get("dreams", {})]
+            row = {"run": run["run"], "settings": run.get("summary") or "plain", "channels": len(per_channel)}
+            for metric in ("normalized_activation", "selectivity", "diversity", "seed_distance"):
+                values = [c[metric] for c in per_channel if c.get(metric) is not None]
+                row[f"mean {metric.replace('_', ' ')}"] = float(np.mean(values)) if values else None
+            out.append(row)
+        return out
 
     def mlflow_link(self, run_id: str | None, experiment_id: str | None = None) -> MlflowLink | None:
         info = self.index.get("mlflow") or {}

@@ -11,7 +11,7 @@ representation/
     index.json                  the channel index: one row per channel, active channels first (ascending id),
                                 then inactive ones; sources, absent stages, MLflow location, dream runs
     channels.zarr               dense per-channel arrays (xarray-readable, chunked by shard along channel)
-    channels/channel_NNNNN.json ragged per-channel results: priors and deep dreams (only channels that have any)
+    channels/channel_NNNNN.json ragged per-channel results: priors, deep dreams, heatmaps (only channels with any)
     shards/shard_NNNNN.json     completion markers (a shard's index rows), kept for provenance
     plan.json                   the inputs' fingerprint and the shard split this build used
 ```
@@ -28,25 +28,42 @@ timestep of each call), `t`, `sample`.
 
 `index.json` rows: `channel`, `active`, `active_t` ([lowest, highest] active t, or null),
 `n_active_t`, `activity` (mean of the profile over t), `peak_frequency` (its max),
-`max_activation` (max over calls), `peaks` (t, highest first), `n_priors`, `n_dreams`,
-`dream_activation` / `dream_normalized_activation` / `dream_selectivity` (best over every run,
-target and seed that did not fail; null without dreams), `dreams` (per run: n, failed, best
-normalized_activation and selectivity), `file` (the channel JSON, or null).
+`max_activation` (max over calls), `peaks` (t, highest first), `n_priors`, `prior_effect` (an
+ablation's mean effect, else null), `n_dreams`, `dream_activation` / `dream_normalized_activation`
+/ `dream_selectivity` / `dream_seed_distance` (best over every run, target and seed that did not
+fail; null without dreams), `dream_diversity` (the lowest target diversity: mean pairwise
+similarity of a target's results), `dreams` (per run: n, failed, the same best values and
+diversity), `n_heatmaps`, `heatmap_max` (the highest example map value), `file` (the channel
+JSON, or null). The index also lists `dream_runs` (with their `settings` and a `summary` such as
+"negative · accentuation from examples · phase-only · diversity w=0.5") and `concepts`: per
+concept-search ranking {name, slug, n_concept, n_rest, score_rule, top: [{channel, score,
+best_call, best_timestep, best_score}], json, store}.
 
-A channel JSON: `prior` ({store, row, results: [{result, seed, image}], steered_timesteps,
-strength} or null) and `dreams`: per run {run, label, see_through_schedule_noise, store,
-mlflow_run_id, mlflow_experiment_id, targets: [{target, t, results: [{result, seed, image,
-snapshots: [{step, image, activation}], activation, normalized_activation, selectivity,
-failed_step}]}]}. `failed_step` is -1 when the optimisation did not fail.
+A channel JSON: `prior` ({store, row, mode, window ([steer_start_t, steer_end_t] or null),
+prompt, prompt_source, guidance_scale, effect_rule, results: [{result, seed, image, baseline,
+effect, sample, prompt}], steered_timesteps, strength} or null; `baseline` and `effect` for
+ablation, `sample` and `prompt` when priors regenerate dataset examples), `dreams`: per run {run,
+label, see_through_schedule_noise, store, mlflow_run_id, mlflow_experiment_id, settings, summary,
+targets: [{target, t, diversity, results: [{result, seed, image, snapshots: [{step, image,
+activation}], activation, normalized_activation, selectivity, failed_step, attribution,
+start_image, start_sample, seed_distance}]}]} and `heatmaps` ({examples: [{peak, t, call, rank,
+sample, overlay, map_max}], priors: [{result, t, overlay, map_max}]} or null). `failed_step` is
+-1 when the optimisation did not fail; `start_sample` is null when the start was no dataset
+example; a value a store does not hold (an older store) is null.
 
 Sources: the analysis store (`stages.representation.timestep_analysis_results_dir`, default this
 experiment's; required per kind), the prior store (`prior_results_dir`, default `prior/<kind>/`),
 deep-dream runs (`deep_dream_results_dir_noise` / `_no_noise`: run folders labelled "noise" and
-"no_noise"; default every `dream/<run>/<kind>/dreams.zarr`). A missing prior store, no dream
-run, or no SAE analysis is recorded under `absent` with the reason, never an error.
-Only dream targets marked done are listed. Dream images follow the store's `image_pattern` and
-`snapshot_pattern` attributes (`images/channel_NNNNN_t_TTTT_result_K.png`,
-`images/snapshots/..._step_SSSS.png`); in a store without them images are matched by the
+"no_noise"; default every `dream/<run>/<kind>/dreams.zarr`), the heatmap store
+(`heatmaps/<kind>.zarr`, overlays under `heatmaps/<kind>/overlays/`) and the concept rankings
+(`concepts/<kind>/<slug>.json`, beside their `.zarr` stores). A missing prior or heatmap store,
+no dream run, no concept ranking, or no SAE analysis is recorded under `absent` with the reason,
+never an error. Only dream targets, prior channels and heatmap parts marked done are listed
+(heatmap stores without markers: maps that are not NaN). Dream images follow the store's
+`image_pattern` and `snapshot_pattern` attributes (`images/channel_NNNNN_t_TTTT_result_K.png`,
+`images/snapshots/..._step_SSSS.png`; the attribution overlay and the accentuation's start image
+follow `attribution_pattern` and `start_pattern`, by default `images/attribution/` and
+`images/start/` with the final image's name); in a store without them images are matched by the
 numbers in their paths: `channel|feature`, `t|timestep`, `result|seed`, `target`, `step` (a file
 with a step is an intermediate snapshot, one without the final image).
 
@@ -83,7 +100,7 @@ from ddr.tracking import experiment_name, redact_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS: tuple[Kind, ...] = ("raw", "sae")
 DENSE_FROM_ANALYSIS = (
     "profile",
@@ -97,6 +114,25 @@ DENSE_FROM_ANALYSIS = (
     "top_value",
 )
 DREAM_METRICS = ("activation", "normalized_activation", "selectivity")
+# Per-result images beside the final one: the attribution overlay and the decoded start latent (accentuation).
+DREAM_SIDE_IMAGES = {
+    "attribution": "images/attribution/channel_{channel:05d}_t_{t:04d}_result_{result}.png",
+    "start": "images/start/channel_{channel:05d}_t_{t:04d}_result_{result}.png",
+}
+DEFAULT_OBJECTIVES = ("channel_mean", "sae_mean")  # the original's: no need to name them
+# The dream settings that change what a run shows (the run selector summarises them).
+DREAM_SETTINGS = (
+    "objective",
+    "cosine_power",
+    "negative",
+    "parameterisation",
+    "spectrum_source",
+    "start_from",
+    "start",
+    "seed_distance_max",
+    "seed_distance_penalty_weight",
+    "diversity_penalty_weight",
+)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
 
 
@@ -121,6 +157,8 @@ class Sources:
     analysis: Path
     prior: Path | None
     dreams: list[DreamSource]
+    heatmaps: Path | None = None
+    concepts: Path | None = None
     absent: dict[str, str] = field(default_factory=dict)
 
 
@@ -221,7 +259,17 @@ def find_sources(config: ExperimentConfig, kind: Kind) -> Sources:
             absent[f"dream:{source.label}"] = f"no deep-dream store at {_rel(config, source.store)}"
     if not dreams:
         absent.setdefault("dreams", f"no deep-dream runs for {kind} (dream/<run>/{kind}/dreams.zarr)")
-    return Sources(kind=kind, analysis=analysis, prior=prior, dreams=dreams, absent=absent)
+    heatmaps: Path | None = stores.ExperimentLayout(config.experiment_dir).heatmap_store(kind)
+    if not heatmaps.exists():
+        absent["heatmaps"] = f"no heatmap store at {_rel(config, heatmaps)}"
+        heatmaps = None
+    concepts: Path | None = stores.ExperimentLayout(config.experiment_dir).concepts_dir(kind)
+    if not any(concepts.glob("*.json")):
+        absent["concepts"] = f"no concept rankings in {_rel(config, concepts)}"
+        concepts = None
+    return Sources(
+        kind=kind, analysis=analysis, prior=prior, dreams=dreams, heatmaps=heatmaps, concepts=concepts, absent=absent
+    )
 
 
 def _rel(config: ExperimentConfig, path: Path | str) -> str:
@@ -273,6 +321,12 @@ def fingerprint(config: ExperimentConfig, sources: Sources, channels_per_shard: 
     for source in sources.dreams:
         parts[f"dream:{source.run}:{source.label}"] = _tree_signature(source.store.parent)
         parts[f"dream_images:{source.run}:{source.label}"] = _image_signature(source.store.parent / "images")
+    if sources.heatmaps is not None:
+        parts["heatmaps"] = _tree_signature(sources.heatmaps)
+        files = stores.ExperimentLayout(config.experiment_dir).heatmap_dir(sources.kind)  # overlays, done markers
+        parts["heatmap_files"] = _tree_signature(files) if files.is_dir() else None
+    if sources.concepts is not None:
+        parts["concepts"] = _tree_signature(sources.concepts)
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -470,6 +524,8 @@ class _DreamImages:
         for path in sorted(folder.rglob("*")):
             if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
                 continue
+            if path.relative_to(folder).parts[0] in DREAM_SIDE_IMAGES:
+                continue  # attribution overlays and start images belong to a result, they are not one
             info = parse_image_name(path.relative_to(folder).as_posix())
             if "target" in info and info["target"] < len(targets) and "channel" not in info:
                 row = info["target"]
@@ -512,6 +568,7 @@ def _dream_run_info(config: ExperimentConfig, source: DreamSource, group: zarr.G
     noise = attrs.get("see_through_schedule_noise")
     if isinstance(noise, str):
         noise = noise.lower() == "true"
+    settings = {k: attrs[k] for k in DREAM_SETTINGS if k in attrs}
     return {
         "run": source.run,
         "label": source.label or ("noise" if noise else "no_noise" if noise is not None else None),
@@ -519,7 +576,29 @@ def _dream_run_info(config: ExperimentConfig, source: DreamSource, group: zarr.G
         "store": _rel(config, source.store),
         "mlflow_run_id": None if run_id is None else str(run_id),
         "mlflow_experiment_id": None if experiment_id is None else str(experiment_id),
+        "settings": settings,
+        "summary": describe_dream_settings(settings),
     }
+
+
+def describe_dream_settings(settings: dict[str, Any]) -> str:
+    """What sets a run apart from a plain maximisation, e.g. "negative · accentuation from examples · phase-only"."""
+    parts = []
+    if settings.get("objective") not in (None, *DEFAULT_OBJECTIVES):
+        parts.append(f"objective {settings['objective']}")
+    if settings.get("negative"):
+        parts.append("negative")
+    if (settings.get("start") or settings.get("start_from")) == "example":
+        limit, weight = settings.get("seed_distance_max"), settings.get("seed_distance_penalty_weight")
+        bounds = [f"distance ≤ {limit:g}"] if limit else []
+        bounds += [f"L2-to-seed w={weight:g}"] if weight else []
+        parts.append("accentuation from examples" + (f" ({', '.join(bounds)})" if bounds else ""))
+    if settings.get("parameterisation") == "phase_fourier":
+        parts.append("phase-only")
+    weight = settings.get("diversity_penalty_weight")
+    if weight:
+        parts.append(f"diversity w={weight:g}")
+    return " · ".join(parts)
 
 
 def _steps_of(group: zarr.Group, n_steps: int) -> list[int]:
@@ -548,6 +627,9 @@ class _DreamRun:
         self.folder = source.store.parent
         self.image_pattern = self.group.attrs.get("image_pattern")
         self.snapshot_pattern = self.group.attrs.get("snapshot_pattern")
+        self.side_patterns = {
+            name: self.group.attrs.get(f"{name}_pattern") or pattern for name, pattern in DREAM_SIDE_IMAGES.items()
+        }
         if not self.image_pattern:
             self.images = _DreamImages(self.folder / "images", targets, self.seeds)
         n_steps = self.group["history_activation"].shape[2] if "history_activation" in self.group else 0
@@ -569,6 +651,11 @@ class _DreamRun:
                     steps[step] = path
         return {"final": final if final.is_file() else None, "steps": steps}
 
+    def _side_image(self, name: str, row: int, result: int) -> str | None:
+        names = {"channel": int(self.channels[row]), "t": int(self.ts[row]), "result": result}
+        path = self.folder / self.side_patterns[name].format(**names)
+        return _rel(self.config, path) if path.is_file() else None
+
     def for_channel(self, channel: int) -> dict[str, Any] | None:
         rows = [int(r) for r in np.flatnonzero(self.channels == channel)]
         if self.done is not None:
@@ -579,6 +666,9 @@ class _DreamRun:
         metrics = {m: _values(self.group, m, rows) for m in DREAM_METRICS}
         failed = _values(self.group, "failed_step", rows)
         history = _values(self.group, "history_activation", rows)
+        seed_distance = _values(self.group, "seed_distance", rows)
+        start_sample = _values(self.group, "start_sample", rows)
+        diversity = _values(self.group, "diversity", rows)
         targets = []
         for i, row in enumerate(rows):
             results = []
@@ -609,9 +699,22 @@ class _DreamRun:
                         "snapshots": snapshots,
                         **values,
                         "failed_step": -1 if failed is None else int(failed[i, r]),
+                        "attribution": self._side_image("attribution", row, r),
+                        "start_image": self._side_image("start", row, r),
+                        "start_sample": None
+                        if start_sample is None or start_sample[i, r] < 0
+                        else int(start_sample[i, r]),
+                        "seed_distance": None if seed_distance is None else _float_or_none(seed_distance[i, r]),
                     }
                 )
-            targets.append({"target": row, "t": int(self.ts[row]), "results": results})
+            targets.append(
+                {
+                    "target": row,
+                    "t": int(self.ts[row]),
+                    "diversity": None if diversity is None else _float_or_none(diversity[i]),
+                    "results": results,
+                }
+            )
         return {**self.info, "targets": targets}
 
 
@@ -628,16 +731,45 @@ class _Priors:
         done = store.parent / "done"
         self.done = stores.prior_done_channels(done) if done.is_dir() else None
         self.images = store.parent / "images"
+        attrs = dict(self.group.attrs)
+        start, end = attrs.get("steer_start_t"), attrs.get("steer_end_t")
+        self.settings = {
+            "mode": attrs.get("steer_mode", "add"),  # stores older than the steering modes only added
+            "window": None if start is None and end is None else [start, end],
+            "prompt": attrs.get("prompt"),
+            "prompt_source": attrs.get("prompt_source"),
+            "guidance_scale": attrs.get("guidance_scale"),
+            "effect_rule": attrs.get("effect_rule"),
+        }
 
-    def image(self, channel: int, result: int) -> Path:
-        return self.images / f"channel_{channel:05d}_result_{result}.png"
+    def image(self, channel: int, result: int, suffix: str = "") -> Path:
+        return self.images / f"channel_{channel:05d}_result_{result}{suffix}.png"
+
+    def _baseline(self, channel: int, result: int) -> str | None:
+        path = self.image(channel, result, "_baseline")
+        return _rel(self.config, path) if path.is_file() else None
 
     def for_channel(self, channel: int) -> dict[str, Any] | None:
         row = self.row_of.get(channel)
         if row is None or (self.done is not None and channel not in self.done):
             return None
+        effect = np.asarray(self.group["effect"][row], dtype=np.float64) if "effect" in self.group else None
+        # prompt_source=top_examples: result k regenerates a dataset example, with its own seed and prompt
+        examples = {
+            name: np.asarray(self.group[f"example_{name}"][row])
+            for name in ("sample", "seed", "prompt")
+            if f"example_{name}" in self.group
+        }
         results = [
-            {"result": r, "seed": seed, "image": _rel(self.config, self.image(channel, r))}
+            {
+                "result": r,
+                "seed": int(examples["seed"][r]) if "seed" in examples else seed,
+                "image": _rel(self.config, self.image(channel, r)),
+                "baseline": self._baseline(channel, r),
+                "effect": None if effect is None else _float_or_none(effect[r]),
+                "sample": int(examples["sample"][r]) if "sample" in examples else None,
+                "prompt": str(examples["prompt"][r]) if "prompt" in examples else None,
+            }
             for r, seed in enumerate(self.seeds)
             if self.image(channel, r).is_file()
         ]
@@ -649,10 +781,86 @@ class _Priors:
         return {
             "store": _rel(self.config, self.store),
             "row": row,
+            **self.settings,
             "results": results,
             "steered_timesteps": [self.timesteps[c] for c in calls] if self.timesteps else [],
             "strength": [] if strength is None else [float(strength[c]) for c in calls],
         }
+
+
+class _Heatmaps:
+    """The heatmap store of a kind, read once per shard: where each channel fires in its top examples and priors.
+
+    A channel's maps count once its done marker is written (stores without markers: once they are not NaN).
+    """
+
+    def __init__(self, config: ExperimentConfig, kind: Kind, store: Path) -> None:
+        self.config = config
+        self.kind = kind
+        self.layout = stores.ExperimentLayout(config.experiment_dir)
+        self.group = stores.open_store(store)
+        self.row_of = {int(c): i for i, c in enumerate(self.group["channel"][:])}
+        self.done = (
+            {part: stores.heatmap_done_channels(self.layout, kind, part) for part in ("examples", "priors")}
+            if stores.heatmap_done_dir(self.layout, kind).is_dir()
+            else None
+        )
+
+    def _finished(self, part: stores.HeatmapPart, channel: int) -> bool:
+        return self.done is None or channel in self.done[part]
+
+    def _overlay(self, path: Path) -> str | None:
+        return _rel(self.config, path) if path.is_file() else None
+
+    def _examples(self, channel: int, row: int) -> list[dict[str, Any]]:
+        if not self._finished("examples", channel):
+            return []
+        maps = np.asarray(self.group["example_map"][row], dtype=np.float64)  # [peak, rank, y, x]
+        samples = np.asarray(self.group["example_sample"][row])
+        calls = np.asarray(self.group["example_call"][row])
+        peak_t = np.asarray(self.group["peak_t"][row])
+        out = []
+        for peak, rank in zip(*np.nonzero(samples >= 0), strict=True):
+            written = np.isfinite(maps[peak, rank])
+            if not written.any():
+                continue  # not mapped (yet)
+            out.append(
+                {
+                    "peak": int(peak),
+                    "t": int(peak_t[peak]),
+                    "call": int(calls[peak]),
+                    "rank": int(rank),
+                    "sample": int(samples[peak, rank]),
+                    "overlay": self._overlay(
+                        stores.heatmap_overlay_path(self.layout, self.kind, channel, int(peak), int(rank))
+                    ),
+                    "map_max": float(maps[peak, rank][written].max()),
+                }
+            )
+        return out
+
+    def _priors(self, channel: int, row: int) -> list[dict[str, Any]]:
+        if "prior_map" not in self.group or not self._finished("priors", channel):  # absent while being reset
+            return []
+        maps = np.asarray(self.group["prior_map"][row], dtype=np.float64)  # [result, y, x]
+        t = int(self.group["prior_t"][row])
+        return [
+            {
+                "result": result,
+                "t": t,
+                "overlay": self._overlay(stores.heatmap_prior_overlay_path(self.layout, self.kind, channel, result)),
+                "map_max": float(np.nanmax(maps[result])),
+            }
+            for result in range(maps.shape[0])
+            if np.isfinite(maps[result]).any()
+        ]
+
+    def for_channel(self, channel: int) -> dict[str, Any] | None:
+        row = self.row_of.get(channel)
+        if row is None:
+            return None
+        examples, priors = self._examples(channel, row), self._priors(channel, row)
+        return {"examples": examples, "priors": priors} if examples or priors else None
 
 
 # --- shards -------------------------------------------------------------------------------------------
@@ -672,22 +880,38 @@ def _best(results: list[dict[str, Any]], metric: str) -> float | None:
     return max(values) if values else None
 
 
-def _row(channel: int, arrays: dict[str, np.ndarray], i: int, prior: Any, dreams: list[dict[str, Any]]) -> dict:
+def _lowest(values: list[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
+    return min(found) if found else None
+
+
+def _dream_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best metrics over the runs' results that did not fail; the lowest diversity (most distinct seeds)."""
+    results = [r for run in runs for target in run["targets"] for r in target["results"]]
+    return {
+        "n": len(results),
+        "failed": sum(1 for r in results if r.get("failed_step", -1) >= 0),
+        **{metric: _best(results, metric) for metric in (*DREAM_METRICS, "seed_distance")},
+        "diversity": _lowest([target.get("diversity") for run in runs for target in run["targets"]]),
+    }
+
+
+def _row(
+    channel: int,
+    arrays: dict[str, np.ndarray],
+    i: int,
+    prior: Any,
+    dreams: list[dict[str, Any]],
+    heatmaps: dict[str, Any] | None,
+) -> dict:
     profile = arrays["profile"][i]
     active_t = np.flatnonzero(arrays["active"][i])
     peaks = [int(t) for t in arrays["peak_t"][i] if t >= 0]
     max_act = arrays["max_activation"][i]
-    results_all = [r for run in dreams for target in run["targets"] for r in target["results"]]
-    per_run = {}
-    for run in dreams:
-        results = [r for target in run["targets"] for r in target["results"]]
-        per_run[run["run"]] = {
-            "n": len(results),
-            "failed": sum(1 for r in results if r.get("failed_step", -1) >= 0),
-            "normalized_activation": _best(results, "normalized_activation"),
-            "selectivity": _best(results, "selectivity"),
-            "activation": _best(results, "activation"),
-        }
+    overall = _dream_summary(dreams)
+    per_run = {run["run"]: _dream_summary([run]) for run in dreams}
+    effects = [r["effect"] for r in (prior or {}).get("results", []) if r.get("effect") is not None]
+    example_maps = [e["map_max"] for e in (heatmaps or {}).get("examples", [])]
     return {
         "channel": channel,
         "active": bool(len(active_t)),
@@ -698,11 +922,12 @@ def _row(channel: int, arrays: dict[str, np.ndarray], i: int, prior: Any, dreams
         "max_activation": _float_or_none(np.nanmax(max_act)) if np.isfinite(max_act).any() else None,
         "peaks": peaks,
         "n_priors": 0 if prior is None else len(prior["results"]),
-        "n_dreams": len(results_all),
-        "dream_activation": _best(results_all, "activation"),
-        "dream_normalized_activation": _best(results_all, "normalized_activation"),
-        "dream_selectivity": _best(results_all, "selectivity"),
+        "prior_effect": float(np.mean(effects)) if effects else None,
+        "n_dreams": overall["n"],
+        **{f"dream_{metric}": overall[metric] for metric in (*DREAM_METRICS, "seed_distance", "diversity")},
         "dreams": per_run,
+        "n_heatmaps": 0 if heatmaps is None else len(heatmaps["examples"]) + len(heatmaps["priors"]),
+        "heatmap_max": max(example_maps) if example_maps else None,
         "file": None,
     }
 
@@ -725,15 +950,18 @@ def representation_shard(config: ExperimentConfig, kind: Kind, shard: Shard) -> 
     arrays["max_activation_profile"] = interpolate_max(arrays["max_activation"].astype(np.float64), timesteps, total)
     priors = _Priors(config, sources.prior) if sources.prior is not None else None
     runs = [_DreamRun(config, source) for source in sources.dreams]
+    maps = _Heatmaps(config, kind, sources.heatmaps) if sources.heatmaps is not None else None
     channels = [int(c) for c in analysis_group["channel"][a:b]]
     rows, has_prior, n_dreams = [], np.zeros(len(channels), bool), np.zeros(len(channels), np.int64)
     for i, channel in enumerate(channels):
         prior = priors.for_channel(channel) if priors is not None else None
         dreams = [d for d in (run.for_channel(channel) for run in runs) if d is not None]
-        row = _row(channel, arrays, i, prior, dreams)
-        if prior is not None or dreams:
+        heatmaps = maps.for_channel(channel) if maps is not None else None
+        row = _row(channel, arrays, i, prior, dreams, heatmaps)
+        if prior is not None or dreams or heatmaps is not None:
             name = f"channels/channel_{channel:05d}.json"
-            _atomic_json(partial / name, {"kind": kind, "channel": channel, "prior": prior, "dreams": dreams})
+            details = {"kind": kind, "channel": channel, "prior": prior, "dreams": dreams, "heatmaps": heatmaps}
+            _atomic_json(partial / name, details)
             row["file"] = name
         has_prior[i], n_dreams[i] = prior is not None, row["n_dreams"]
         rows.append(row)
@@ -745,6 +973,41 @@ def representation_shard(config: ExperimentConfig, kind: Kind, shard: Shard) -> 
 
 
 # --- finalising -----------------------------------------------------------------------------------------
+
+
+def concept_rankings(config: ExperimentConfig, folder: Path | None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The concept-search rankings of a kind (`concepts/<kind>/<slug>.json`), and why unreadable ones are left out."""
+    found: list[dict[str, Any]] = []
+    problems: dict[str, str] = {}
+    for path in sorted(folder.glob("*.json")) if folder is not None else []:
+        try:
+            data = _read_json(path)
+            top = [
+                {
+                    **e,
+                    "channel": int(e["channel"]),
+                    "score": _float_or_none(e["score"]),
+                    "best_timestep": int(e["best_timestep"]),
+                }
+                for e in data["top"]
+            ]
+        except (ValueError, KeyError, TypeError) as error:
+            problems[f"concept:{path.stem}"] = f"unreadable ranking {_rel(config, path)}: {error!r}"
+            continue
+        store = path.with_suffix(".zarr")
+        found.append(
+            {
+                "name": str(data.get("concept", path.stem)),
+                "slug": path.stem,
+                "n_concept": data.get("n_concept"),
+                "n_rest": data.get("n_rest"),
+                "score_rule": data.get("score_rule", data.get("score")),
+                "top": top,
+                "json": _rel(config, path),
+                "store": _rel(config, store) if store.exists() else None,
+            }
+        )
+    return found, problems
 
 
 def _mlflow_location(config: ExperimentConfig, experiment_id: str | None) -> dict[str, Any]:
@@ -792,6 +1055,7 @@ def finalize_representation(
     rows.sort(key=lambda r: (not r["active"], r["channel"]))
     sources = find_sources(config, kind)
     analysis_group = stores.open_store(sources.analysis)
+    concepts, unreadable = concept_rankings(config, sources.concepts)
     dream_runs = []
     for source in sources.dreams:
         group = stores.open_store(source.store)
@@ -827,13 +1091,17 @@ def finalize_representation(
         "n_active": sum(1 for r in rows if r["active"]),
         "n_with_priors": sum(1 for r in rows if r["n_priors"]),
         "n_with_dreams": sum(1 for r in rows if r["n_dreams"]),
+        "n_with_heatmaps": sum(1 for r in rows if r.get("n_heatmaps")),
         "sources": {
             "analysis": _rel(config, sources.analysis),
             "prior": None if sources.prior is None else _rel(config, sources.prior),
             "dreams": [d["store"] for d in dream_runs],
+            "heatmaps": None if sources.heatmaps is None else _rel(config, sources.heatmaps),
+            "concepts": None if sources.concepts is None else _rel(config, sources.concepts),
         },
-        "absent": sources.absent,
+        "absent": {**sources.absent, **unreadable},
         "dream_runs": dream_runs,
+        "concepts": concepts,
         "mlflow": _mlflow_location(config, mlflow_experiment_id),
         "channels": rows,
     }
@@ -851,7 +1119,12 @@ def finalize_representation(
 
 def summarize(index: dict[str, Any]) -> dict[str, Any]:
     keys = ("kind", "n_channels", "n_active", "n_with_priors", "n_with_dreams", "absent")
-    return {**{k: index[k] for k in keys}, "runs": [d["run"] for d in index["dream_runs"]]}
+    return {
+        **{k: index[k] for k in keys},
+        "n_with_heatmaps": index.get("n_with_heatmaps", 0),
+        "runs": [d["run"] for d in index["dream_runs"]],
+        "concepts": [c["slug"] for c in index.get("concepts", [])],
+    }
 
 
 def write_manifest(config: ExperimentConfig) -> Path:
