@@ -9,11 +9,14 @@ counts as done and a rerun does only what is missing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +149,25 @@ def open_store(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
         return zarr.open_group(str(path), mode=mode)
 
 
+@contextmanager
+def staged_store(path: Path) -> Iterator[Path]:
+    """Yield `<name>.partial` beside `path` to write a whole store into; it is renamed to `path` when the block
+    ends without an error, so a crash never leaves a half-written store. Stale partials and an old `path` go."""
+    partial = path.with_name(path.name + ".partial")
+    for stale in (partial, path):
+        if stale.exists():
+            shutil.rmtree(stale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yield partial
+    partial.rename(path)
+
+
+def attr_sha256(group: zarr.Group, name: str = "settings") -> str:
+    """sha256 of a store's recorded attribute (of "" when absent): a derived store keys on it, so it is redone
+    when its source was made with other settings."""
+    return hashlib.sha256(str(group.attrs.get(name, "")).encode()).hexdigest()
+
+
 def _array(group: zarr.Group, name: str, data_or_shape: Any, dims: list[str], **kwargs: Any) -> zarr.Array:
     """An array with named dims; given data, it is written at once."""
     if isinstance(data_or_shape, tuple):
@@ -256,6 +278,24 @@ ANALYSIS_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any]] = {
     "top_value": (("channel", "timestep", "rank"), "float32", np.nan),
 }
 ANALYSIS_CHUNK_TARGET = 512
+
+
+def require_analysis_store(path: Path, stage: str, folder: Path | None) -> Path:
+    """`path` when the analysis store is there; otherwise a FileNotFoundError naming the setting that chose it
+    (`stages.<stage>.timestep_analysis_results_dir`, `folder`)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"analysis store {path} does not exist (stages.{stage}.timestep_analysis_results_dir={folder}); "
+            "run the timestep_analysis stage first"
+        )
+    return path
+
+
+def nearest_calls(timesteps: np.ndarray, t: int) -> np.ndarray:
+    """The UNet calls (indices into a capture or analysis store's `timestep`) whose timestep value is nearest t,
+    ascending: all calls at the minimal distance (a repeated value, or two values equally near)."""
+    distance = np.abs(np.asarray(timesteps, dtype=np.int64) - int(t))
+    return np.flatnonzero(distance == distance.min())
 
 
 def analysis_work_dir(store: Path) -> Path:
@@ -776,21 +816,16 @@ def write_concept_store(
     missing = set(CONCEPT_ARRAYS) - set(arrays)
     if missing:
         raise ValueError(f"write_concept_store: missing arrays {sorted(missing)}")
-    partial = path.with_name(path.name + ".partial")
-    for stale in (partial, path):
-        if stale.exists():
-            shutil.rmtree(stale)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(partial), mode="w", attributes=attrs)
-    for name, dims in CONCEPT_ARRAYS.items():
-        dtype = np.int64 if name == "ranking" else np.float32
-        named = [dim if d == "channel" else d for d in dims]
-        _array(group, name, np.asarray(arrays[name], dtype=dtype), named)
-    _array(group, dim, np.asarray(channels, dtype=np.int64), [dim])
-    _array(group, "timestep", np.asarray(timesteps, dtype=np.int64), ["timestep"])
-    _array(group, "rank", np.arange(len(arrays["ranking"]), dtype=np.int64), ["rank"])
-    consolidate(partial)
-    partial.rename(path)
+    with staged_store(path) as partial:
+        group = zarr.open_group(str(partial), mode="w", attributes=attrs)
+        for name, dims in CONCEPT_ARRAYS.items():
+            dtype = np.int64 if name == "ranking" else np.float32
+            named = [dim if d == "channel" else d for d in dims]
+            _array(group, name, np.asarray(arrays[name], dtype=dtype), named)
+        _array(group, dim, np.asarray(channels, dtype=np.int64), [dim])
+        _array(group, "timestep", np.asarray(timesteps, dtype=np.int64), ["timestep"])
+        _array(group, "rank", np.arange(len(arrays["ranking"]), dtype=np.int64), ["rank"])
+        consolidate(partial)
 
 
 def write_generated_concept_store(
@@ -805,25 +840,20 @@ def write_generated_concept_store(
 ) -> None:
     """A concept's generated samples in the capture-store layout, written whole under a temporary name and
     renamed into place (so an interrupted generation never leaves a store that looks complete)."""
-    partial = path.with_name(path.name + ".partial")
-    for stale in (partial, path):
-        if stale.exists():
-            shutil.rmtree(stale)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = create_capture_store(
-        partial,
-        prompts=prompts,
-        seeds=seeds,
-        images=[""] * len(prompts),
-        timesteps=timesteps,
-        n_channels=raw.shape[2],
-        n_features=None if sae is None else sae.shape[2],
-        chunk_samples=max(1, len(prompts)),
-        dtype="float32",
-        attrs=attrs,
-    )
-    write_capture_rows(group, 0, raw, sae)
-    partial.rename(path)
+    with staged_store(path) as partial:
+        group = create_capture_store(
+            partial,
+            prompts=prompts,
+            seeds=seeds,
+            images=[""] * len(prompts),
+            timesteps=timesteps,
+            n_channels=raw.shape[2],
+            n_features=None if sae is None else sae.shape[2],
+            chunk_samples=max(1, len(prompts)),
+            dtype="float32",
+            attrs=attrs,
+        )
+        write_capture_rows(group, 0, raw, sae)
 
 
 def write_concept_summary(path: Path, summary: dict[str, Any]) -> None:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -126,10 +125,6 @@ def mean_latent_spectrum(latents: Tensor | Iterable[Tensor]) -> Tensor:
     return (total / count).float()
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _prior_latents(path: Path, kind: Kind, max_images: int) -> tuple[list[list[int]], list[np.ndarray]]:
     """Up to `max_images` written prior latents (channel order, then result), skipping unwritten (NaN) rows."""
     if not path.exists():
@@ -180,14 +175,14 @@ def latent_spectrum(config: ExperimentConfig, source: Source, kind: Kind, max_im
         path = layout.spectrum_store("capture")
         names = _capture_images(layout.capture_store)
         samples = [i for i, name in enumerate(names) if name][:max_images]
-        capture_settings = str(stores.open_store(layout.capture_store).attrs.get("settings", ""))
-        key |= {"images": [names[i] for i in samples], "capture_settings_sha256": _sha256(capture_settings)}
+        capture_settings_sha256 = stores.attr_sha256(stores.open_store(layout.capture_store))
+        key |= {"images": [names[i] for i in samples], "capture_settings_sha256": capture_settings_sha256}
     else:
         path = layout.spectrum_store("prior", kind)
         prior = layout.prior_store(kind)
         rows, latents = _prior_latents(prior, kind, max_images)
-        params = str(stores.open_store(prior).attrs.get("params", "")) if prior.exists() else ""
-        key |= {"kind": kind, "prior_store": str(prior), "rows": rows, "prior_params_sha256": _sha256(params)}
+        params_sha256 = stores.attr_sha256(stores.open_store(prior), "params")
+        key |= {"kind": kind, "prior_store": str(prior), "rows": rows, "prior_params_sha256": params_sha256}
     key_text = json.dumps(key, sort_keys=True, default=str)
     cached = stores.read_spectrum_store(path, key_text)
     if cached is not None:
@@ -214,8 +209,7 @@ def ranked_examples(top_sample: np.ndarray, top_value: np.ndarray, captured: np.
     """A channel's dataset examples at t, best first, each sample once: the top lists [call, rank] of the
     UNet calls whose timestep value is nearest t (several when a value repeats or two are equally near),
     merged by activation."""
-    distance = np.abs(np.asarray(captured, dtype=np.int64) - int(t))
-    calls = np.flatnonzero(distance == distance.min())
+    calls = stores.nearest_calls(captured, t)
     pairs = [
         (float(top_value[c, r]), int(top_sample[c, r]))
         for c in calls
@@ -245,9 +239,7 @@ def example_starts(
     config.require_kind(kind)
     layout = stores.ExperimentLayout(config.experiment_dir)
     folder = config.stages.deep_dream.for_kind(kind).timestep_analysis_results_dir
-    path = layout.analysis_store_from(kind, folder)
-    if not path.exists():
-        raise FileNotFoundError(f"analysis store {path} does not exist; run the timestep_analysis stage first")
+    path = stores.require_analysis_store(layout.analysis_store_from(kind, folder), "deep_dream", folder)
     group = stores.open_store(path)
     ids = group["channel"][:].tolist()
     row_of = {int(c): i for i, c in enumerate(ids)}

@@ -28,7 +28,6 @@ skips finished blocks; `run_analysis` does everything in-process in a single pas
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -134,12 +133,11 @@ def _store_settings(config: ExperimentConfig, kind: Kind, path: Path, group: zar
     """Everything that decides the analysis store's contents and layout; a store is reused only if equal."""
     s = _settings(config, kind)
     array = group[kind]
-    capture_settings = str(group.attrs.get("settings", ""))
     return {
         "kind": kind,
         "capture_store": str(path.resolve()),
         "capture_shape": list(array.shape),
-        "capture_settings_sha256": hashlib.sha256(capture_settings.encode()).hexdigest(),
+        "capture_settings_sha256": stores.attr_sha256(group),
         "timesteps": [int(v) for v in group["timestep"][:]],
         "top_k": s.top_k,
         "total_timesteps": s.total_timesteps,
@@ -352,21 +350,17 @@ def _create(config: ExperimentConfig, kind: Kind, store: Path, settings: dict[st
         "source_dim": dim,
         "settings": json.dumps(settings, sort_keys=True),
     }
-    store.parent.mkdir(parents=True, exist_ok=True)
-    partial = store.with_name(store.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    stores.create_analysis_store(
-        partial,
-        channels=channels,
-        timesteps=capture["timestep"][:],
-        total_timesteps=s.total_timesteps,
-        top_peak_count=s.top_peak_count,
-        top_examples=s.top_examples,
-        channel_block=s.channel_block,
-        attrs=attrs,
-    )
-    partial.rename(store)
+    with stores.staged_store(store) as partial:
+        stores.create_analysis_store(
+            partial,
+            channels=channels,
+            timesteps=capture["timestep"][:],
+            total_timesteps=s.total_timesteps,
+            top_peak_count=s.top_peak_count,
+            top_examples=s.top_examples,
+            channel_block=s.channel_block,
+            attrs=attrs,
+        )
 
 
 def _chunks(n_samples: int, chunk_samples: int) -> list[tuple[int, int]]:

@@ -136,9 +136,11 @@ def plan_capture(config: ExperimentConfig) -> CapturePlan:
     )
 
 
-def _settings(config: ExperimentConfig, plan: CapturePlan) -> dict[str, Any]:
-    """Everything that decides the store's contents; a store is reused only when these match."""
-    settings = config.stages.capture
+def generation_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The settings that decide what one sample's capture holds (model, layer, SAE, steps, guidance, size, branch).
+
+    Part of the capture store's recorded `settings`; samples generated later (concept search) must match them.
+    """
     return {
         "model": config.model.model_dump(mode="json"),
         "target_layer_name": config.target_layer_name,
@@ -146,7 +148,15 @@ def _settings(config: ExperimentConfig, plan: CapturePlan) -> dict[str, Any]:
         "num_inference_steps": config.num_inference_steps,
         "guidance_scale": config.guidance_scale,
         "image_size": config.resolved_image_size,
-        "branch": settings.branch,
+        "branch": config.stages.capture.branch,
+    }
+
+
+def _settings(config: ExperimentConfig, plan: CapturePlan) -> dict[str, Any]:
+    """Everything that decides the store's contents; a store is reused only when these match."""
+    settings = config.stages.capture
+    return {
+        **generation_settings(config),
         "store_dtype": settings.store_dtype,
         "samples_per_shard": settings.samples_per_shard,
         "prompts_sha256": hashlib.sha256("\n".join(plan.sample_prompts).encode()).hexdigest(),

@@ -32,7 +32,6 @@ marks the concept done, and a rerun with the same inputs skips it. Generated sam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -58,16 +57,6 @@ SCORE_RULE = (
     "effect size per UNet call: (mean concept - mean rest) / (pooled std + 1e-8), pooled std = "
     "sqrt((n_concept var_concept + n_rest var_rest) / (n_concept + n_rest)), population variances; "
     "mean_score: its mean over calls; ranking: channel ids by descending mean_score, ties to the lower index"
-)
-# What the capture store's `settings` record and generated samples must share with it.
-GENERATION_KEYS = (
-    "model",
-    "target_layer_name",
-    "sae",
-    "num_inference_steps",
-    "guidance_scale",
-    "image_size",
-    "branch",
 )
 
 
@@ -195,30 +184,16 @@ def generation_plan(config: ExperimentConfig, concept: Concept) -> tuple[list[st
     return prompts, first + np.arange(len(prompts), dtype=np.int64)
 
 
-def _capture_settings(config: ExperimentConfig) -> dict[str, Any]:
-    """This config's values of GENERATION_KEYS, as the capture stage records them."""
-    return {
-        "model": config.model.model_dump(mode="json"),
-        "target_layer_name": config.target_layer_name,
-        "sae": config.sae.model_dump(mode="json") if config.use_sae and config.sae else None,
-        "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        "image_size": config.resolved_image_size,
-        "branch": config.stages.capture.branch,
-    }
-
-
 def _generation_settings(config: ExperimentConfig, concept: Concept) -> dict[str, Any] | None:
     """What decides a concept's generated store; None when it has nothing to generate."""
     prompts, seeds = generation_plan(config, concept)
     if not prompts:
         return None
     _path, group = _open_capture(config)
-    recorded = str(group.attrs.get("settings", ""))
     return {
         "prompts": prompts,
         "seeds": seeds.tolist(),
-        "capture_settings_sha256": hashlib.sha256(recorded.encode()).hexdigest(),
+        "capture_settings_sha256": stores.attr_sha256(group),
     }
 
 
@@ -259,8 +234,8 @@ def generate_concept(config: ExperimentConfig, concept: Concept) -> dict[str, An
         recorded = json.loads(group.attrs["settings"])
     except (KeyError, ValueError, TypeError):
         recorded = None
-    now = _capture_settings(config)
-    differing = [k for k in GENERATION_KEYS if recorded is None or recorded.get(k) != now[k]]
+    now = capture.generation_settings(config)
+    differing = [k for k, value in now.items() if recorded is None or recorded.get(k) != value]
     if differing:
         raise ConfigError(
             f"stages.concept_search.concept_prompts[{concept.name!r}]: its prompts not in the dataset are generated "
@@ -417,13 +392,12 @@ def score_concept(
 def concept_settings(config: ExperimentConfig, kind: Kind, concept: Concept) -> dict[str, Any]:
     """Everything that decides a concept's results; a finished concept is redone only when these change."""
     path, group = _open_capture(config)
-    recorded = str(group.attrs.get("settings", ""))
     return {
         "kind": kind,
         **concept.describe(),
         "capture_store": str(path.resolve()),
         "capture_shape": list(group[kind].shape) if kind in group else None,
-        "capture_settings_sha256": hashlib.sha256(recorded.encode()).hexdigest(),
+        "capture_settings_sha256": stores.attr_sha256(group),
         "generation": _generation_settings(config, concept),
         "top": _settings(config, kind).top,
     }

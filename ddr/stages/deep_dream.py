@@ -181,10 +181,6 @@ def start_kind(settings: DeepDreamConfig) -> str:
     return settings.start_from or ("prior" if settings.use_prior else "noise")
 
 
-def _resolve_dir(config: ExperimentConfig, folder: Path) -> Path:
-    return folder if folder.is_absolute() else config.experiment_dir / folder
-
-
 def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:
     folder = dream_settings(config, kind).timestep_analysis_results_dir
     return stores.ExperimentLayout(config.experiment_dir).analysis_store_from(kind, folder)
@@ -193,12 +189,7 @@ def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:
 def prior_store_path(config: ExperimentConfig, kind: Kind) -> Path:
     """`prior_results_dir` (a priors.zarr, a `prior/<kind>` folder or a `prior` folder) or this experiment's."""
     folder = dream_settings(config, kind).prior_results_dir
-    if folder is None:
-        return stores.ExperimentLayout(config.experiment_dir).prior_store(kind)
-    folder = _resolve_dir(config, folder)
-    if folder.suffix == ".zarr":
-        return folder
-    return folder / "priors.zarr" if (folder / "priors.zarr").exists() else folder / kind / "priors.zarr"
+    return stores.ExperimentLayout(config.experiment_dir).prior_store_from(kind, folder)
 
 
 def _model_json(config: ExperimentConfig, component: str, name: str) -> dict[str, Any]:
@@ -270,18 +261,15 @@ def resolve_timesteps(
 
 def dataset_max_at(max_row: np.ndarray, captured: np.ndarray, t: int) -> float:
     """The channel's max dataset activation at t: over calls whose value is t, else the nearest captured value."""
-    captured = np.asarray(captured, dtype=np.int64)
-    distance = np.abs(captured - t)
-    calls = distance == distance.min()
-    values = np.asarray(max_row, dtype=np.float64)[calls]
+    values = np.asarray(max_row, dtype=np.float64)[stores.nearest_calls(captured, t)]
     return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
 
 
 def build_plan(config: ExperimentConfig, kind: Kind) -> DreamPlan:
     settings = dream_settings(config, kind)
-    path = analysis_store_path(config, kind)
-    if not path.exists():
-        raise FileNotFoundError(f"analysis store {path} does not exist; run the timestep_analysis stage first")
+    path = stores.require_analysis_store(
+        analysis_store_path(config, kind), "deep_dream", settings.timestep_analysis_results_dir
+    )
     max_t = num_train_timesteps(config)
     for choice in settings.timesteps:
         if isinstance(choice, int) and not 0 <= choice < max_t:

@@ -38,7 +38,6 @@ samples and calls each channel maps), `plan_heatmaps` (channel shards with somet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -142,12 +141,8 @@ def prior_store_path(config: ExperimentConfig, kind: Kind) -> Path:
 
 
 def _open_analysis(config: ExperimentConfig, kind: Kind) -> tuple[Path, zarr.Group]:
-    path = analysis_store_path(config, kind)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"analysis store {path} does not exist (stages.heatmaps.timestep_analysis_results_dir="
-            f"{heatmap_settings(config, kind).timestep_analysis_results_dir}); run the timestep_analysis stage first"
-        )
+    folder = heatmap_settings(config, kind).timestep_analysis_results_dir
+    path = stores.require_analysis_store(analysis_store_path(config, kind), "heatmaps", folder)
     return path, stores.open_store(path)
 
 
@@ -217,10 +212,6 @@ def build_targets(config: ExperimentConfig, kind: Kind) -> Targets:
 # --- the store ------------------------------------------------------------------------------------
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _capture_of(analysis: zarr.Group) -> tuple[Path, zarr.Group]:
     path = Path(str(analysis.attrs["capture_store"]))
     if not path.exists():
@@ -272,9 +263,9 @@ def _params(config: ExperimentConfig, kind: Kind, analysis_path: Path, analysis:
     return {
         "kind": kind,
         "analysis_store": str(analysis_path.resolve()),
-        "analysis_settings_sha256": _sha256(str(analysis.attrs.get("settings", ""))),
+        "analysis_settings_sha256": stores.attr_sha256(analysis),
         "capture_store": str(capture_path),
-        "capture_settings_sha256": _sha256(str(capture.attrs.get("settings", ""))),
+        "capture_settings_sha256": stores.attr_sha256(capture),
         "peaks": settings.peaks,
         "top_examples": settings.top_examples,
         "overlay_alpha": settings.overlay_alpha,
@@ -299,7 +290,7 @@ def _prior_source(config: ExperimentConfig, kind: Kind) -> dict[str, Any] | None
         )
     return {
         "prior_store": str(path.resolve()),
-        "prior_params_sha256": _sha256(str(prior.attrs.get("params", ""))),
+        "prior_params_sha256": stores.attr_sha256(prior, "params"),
         "seeds": [int(s) for s in prior["seed"][:]],
     }
 
@@ -330,33 +321,29 @@ def prepare_heatmap_store(config: ExperimentConfig, kind: Kind) -> Path:
             shutil.rmtree(path)
             shutil.rmtree(layout.heatmap_dir(kind), ignore_errors=True)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        stores.create_heatmap_store(
-            partial,
-            channels=analysis["channel"][:],
-            peaks=heatmap_settings(config, kind).peaks,
-            ranks=heatmap_settings(config, kind).top_examples,
-            results=0,
-            map_shape=map_shape(config),
-            attrs={
-                **{k: v for k, v in params.items() if k != "map_shape"},
-                "model": config.model.name,
-                "layer": config.target_layer_name,
-                "sae": config.sae.name if kind == "sae" and config.sae else None,
-                "map": "SAE code per token (sae.encode), as (y, x)" if kind == "sae" else "layer output channel",
-                "branch": json.loads(str(capture.attrs["settings"]))["branch"],
-                "normalisation": NORMALISATION,
-                "colour_map": COLOUR_MAP,
-                "prior_noise_rule": PRIOR_NOISE_RULE,
-                "prior_source": "",
-                "params": json.dumps(params, sort_keys=True),
-                "config": json.dumps(config.model_dump(mode="json"), default=str),
-            },
-        )
-        partial.rename(path)
+        with stores.staged_store(path) as partial:
+            stores.create_heatmap_store(
+                partial,
+                channels=analysis["channel"][:],
+                peaks=heatmap_settings(config, kind).peaks,
+                ranks=heatmap_settings(config, kind).top_examples,
+                results=0,
+                map_shape=map_shape(config),
+                attrs={
+                    **{k: v for k, v in params.items() if k != "map_shape"},
+                    "model": config.model.name,
+                    "layer": config.target_layer_name,
+                    "sae": config.sae.name if kind == "sae" and config.sae else None,
+                    "map": "SAE code per token (sae.encode), as (y, x)" if kind == "sae" else "layer output channel",
+                    "branch": json.loads(str(capture.attrs["settings"]))["branch"],
+                    "normalisation": NORMALISATION,
+                    "colour_map": COLOUR_MAP,
+                    "prior_noise_rule": PRIOR_NOISE_RULE,
+                    "prior_source": "",
+                    "params": json.dumps(params, sort_keys=True),
+                    "config": json.dumps(config.model_dump(mode="json"), default=str),
+                },
+            )
     group = stores.open_store(path, mode="r+")
     stores.write_heatmap_tables(
         group,

@@ -57,12 +57,8 @@ def plot_path(config: ExperimentConfig, kind: Kind, channel: int, animated: bool
 
 
 def _open_analysis(config: ExperimentConfig, kind: Kind) -> tuple[Path, zarr.Group]:
-    path = analysis_store_path(config, kind)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"analysis store {path} does not exist (stages.plots.timestep_analysis_results_dir="
-            f"{_settings(config, kind).timestep_analysis_results_dir}); run the timestep_analysis stage first"
-        )
+    folder = _settings(config, kind).timestep_analysis_results_dir
+    path = stores.require_analysis_store(analysis_store_path(config, kind), "plots", folder)
     return path, stores.open_store(path)
 
 
@@ -112,8 +108,7 @@ class _Channel:
 def nearest_call(timesteps: np.ndarray, t: int, strength: np.ndarray) -> int:
     """The UNet call whose timestep is nearest t; of several (PNDM visits one value twice), the one with the
     largest `strength` (NaN counts as lowest; ties: the earlier call). The heatmaps stage maps this call."""
-    distance = np.abs(np.asarray(timesteps, dtype=np.int64) - int(t))
-    calls = np.flatnonzero(distance == distance.min())
+    calls = stores.nearest_calls(timesteps, t)
     values = np.where(np.isnan(strength[calls]), -np.inf, strength[calls])
     return int(calls[int(np.argmax(values))])
 

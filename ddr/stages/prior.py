@@ -141,9 +141,8 @@ def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:
 
 
 def open_analysis(config: ExperimentConfig, kind: Kind) -> xr.Dataset:
-    path = analysis_store_path(config, kind)
-    if not path.exists():
-        raise FileNotFoundError(f"analysis store {path} does not exist; run the timestep_analysis stage first")
+    folder = prior_settings(config, kind).timestep_analysis_results_dir
+    path = stores.require_analysis_store(analysis_store_path(config, kind), "prior", folder)
     return xr.open_zarr(path, chunks=None)
 
 
@@ -193,8 +192,7 @@ def steered_calls(
             for peak in peak_t[row]:
                 if peak < 0:
                     continue
-                distance = np.abs(timesteps - peak)
-                steered[row] |= distance == distance.min()
+                steered[row, stores.nearest_calls(timesteps, peak)] = True
         return steered
     raise ValueError(f"unknown timesteps mode {mode!r}")
 
@@ -228,7 +226,7 @@ def peak_call(peak_t: np.ndarray, timesteps: np.ndarray, topk_frequency: np.ndar
     (first) call of its highest top-k frequency."""
     peaks = [int(p) for p in peak_t if p >= 0]
     if peaks:
-        return int(np.argmin(np.abs(np.asarray(timesteps, dtype=np.int64) - peaks[0])))
+        return int(stores.nearest_calls(timesteps, peaks[0])[0])
     return int(np.argmax(np.nan_to_num(np.asarray(topk_frequency, dtype=np.float64), nan=-1.0)))
 
 

@@ -185,22 +185,14 @@ def _resolve(config: ExperimentConfig, folder: Path | None) -> Path | None:
 
 
 def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:
-    folder = _resolve(config, config.stages.representation.timestep_analysis_results_dir)
-    if folder is None:
-        return stores.ExperimentLayout(config.experiment_dir).analysis_store(kind)
-    return folder if folder.suffix == ".zarr" else folder / f"{kind}.zarr"
+    folder = config.stages.representation.timestep_analysis_results_dir
+    return stores.ExperimentLayout(config.experiment_dir).analysis_store_from(kind, folder)
 
 
 def prior_store_path(config: ExperimentConfig, kind: Kind) -> Path:
     """`prior_results_dir` may name the prior folder (holding <kind>/priors.zarr), its kind folder or the store."""
-    folder = _resolve(config, config.stages.representation.prior_results_dir)
-    if folder is None:
-        return stores.ExperimentLayout(config.experiment_dir).prior_store(kind)
-    if folder.suffix == ".zarr":
-        return folder
-    if (folder / kind / "priors.zarr").exists() or not (folder / "priors.zarr").exists():
-        return folder / kind / "priors.zarr"
-    return folder / "priors.zarr"
+    folder = config.stages.representation.prior_results_dir
+    return stores.ExperimentLayout(config.experiment_dir).prior_store_from(kind, folder)
 
 
 def _dream_store_in(folder: Path, kind: Kind) -> Path:
@@ -240,12 +232,8 @@ def find_sources(config: ExperimentConfig, kind: Kind) -> Sources:
     """Where this kind's inputs are; the analysis store must exist, the others are recorded as absent."""
     if kind not in KINDS:
         raise ValueError(f"kind: unknown value {kind!r}; allowed: {', '.join(KINDS)}")
-    analysis = analysis_store_path(config, kind)
-    if not analysis.exists():
-        raise FileNotFoundError(
-            f"analysis store {analysis} does not exist (stages.representation.timestep_analysis_results_dir="
-            f"{config.stages.representation.timestep_analysis_results_dir}); run the timestep_analysis stage first"
-        )
+    folder = config.stages.representation.timestep_analysis_results_dir
+    analysis = stores.require_analysis_store(analysis_store_path(config, kind), "representation", folder)
     absent: dict[str, str] = {}
     prior: Path | None = prior_store_path(config, kind)
     if not prior.exists():
