@@ -227,7 +227,7 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
 def tiny_capture(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
     """The tiny model's real capture: 4 prompts x 10 steps (11 UNet calls, one value visited twice)."""
     from ddr.provision import provision
-    from ddr.stages import capture
+    from tests.helpers import run_capture
 
     root = tmp_path_factory.mktemp("tiny")
     config = load_config(
@@ -245,10 +245,7 @@ def tiny_capture(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
         ]
     )
     provision(config)
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in capture.pending_shards(config, plan):
-        capture.capture_shard(config, shard)
+    run_capture(config)
     return config
 
 

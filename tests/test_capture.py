@@ -7,54 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig
-from ddr.hooks import UnknownLayerError, find_layer, output_tensor
+from ddr.hooks import UnknownLayerError
 from ddr.models.pipeline import load_pipeline
 from ddr.stages import capture
 from tests.conftest import tiny_config
-
-
-def run_all(config: ExperimentConfig) -> capture.CapturePlan:
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in capture.pending_shards(config, plan):
-        capture.capture_shard(config, shard)
-    return plan
-
-
-def recompute_raw(config: ExperimentConfig, prompt: str, seed: int) -> np.ndarray:
-    """Independent reference: a plain forward hook on the layer, one sample, conditional half."""
-    pipe = load_pipeline(config)
-    layer = find_layer(pipe.unet, config.target_layer_name)
-    rows: list[np.ndarray] = []
-
-    def hook(_m, _a, output):
-        act = output_tensor(output)
-        rows.append(act[act.shape[0] // 2 :].mean(dim=(2, 3))[0].detach().numpy().copy())
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        size = config.resolved_image_size
-        pipe(
-            prompt=[prompt],
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
-            height=size,
-            width=size,
-            generator=[torch.Generator().manual_seed(seed)],
-            output_type="np",
-        )
-    finally:
-        handle.remove()
-    return np.stack(rows)
+from tests.helpers import reference_capture, run_capture
 
 
 def test_store_layout_and_values_match_independent_recomputation(tiny: ExperimentConfig) -> None:
-    plan = run_all(tiny)
+    plan = run_capture(tiny)
     layout = stores.ExperimentLayout(tiny.experiment_dir)
     ds = xr.open_zarr(layout.capture_store)
     assert ds.raw.dims == ("sample", "timestep", "channel")
@@ -68,7 +33,7 @@ def test_store_layout_and_values_match_independent_recomputation(tiny: Experimen
     raw = ds.raw.values
     assert not np.isnan(raw).any() and not np.isnan(ds.sae.values).any()
     for sample in (0, 3):
-        expected = recompute_raw(tiny, str(ds.prompt.values[sample]), int(ds.seed.values[sample]))
+        expected = reference_capture(tiny, str(ds.prompt.values[sample]), int(ds.seed.values[sample]))
         np.testing.assert_allclose(raw[sample], expected, rtol=1e-4, atol=1e-5)
     for image in ds.image.values:
         assert (tiny.experiment_dir / str(image)).is_file()
@@ -77,8 +42,8 @@ def test_store_layout_and_values_match_independent_recomputation(tiny: Experimen
 def test_unconditional_branch_is_recorded_when_asked(tmp_path: Path) -> None:
     cond = tiny_config(tmp_path / "a", "stages.capture.dev_n_prompts=2")
     uncond = tiny_config(tmp_path / "b", "stages.capture.dev_n_prompts=2", "stages.capture.branch=unconditional")
-    run_all(cond)
-    run_all(uncond)
+    run_capture(cond)
+    run_capture(uncond)
     a = xr.open_zarr(stores.ExperimentLayout(cond.experiment_dir).capture_store).raw.values
     b = xr.open_zarr(stores.ExperimentLayout(uncond.experiment_dir).capture_store).raw.values
     assert not np.allclose(a, b), "the two CFG halves see different prompts, so they must differ"
@@ -154,7 +119,7 @@ def test_malformed_prompt_lines_are_reported_with_line_numbers(tmp_path: Path) -
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "b cat"}\nnot json\n{"text": "a dog"}\n{"txt": "x"}\n\n{"text": "a dog"}\n')
     config = tiny_config(tmp_path, f"stages.capture.prompt_dataset={prompts}")
-    plan = run_all(config)
+    plan = run_capture(config)
     assert plan.prompt_file.prompts == ["a dog", "b cat"]
     assert [n for n, _ in plan.prompt_file.malformed] == [2, 4]
     report = plan.prompt_file.report()
@@ -164,7 +129,7 @@ def test_malformed_prompt_lines_are_reported_with_line_numbers(tmp_path: Path) -
 
 
 def test_store_made_with_other_settings_is_kept_and_refused(tiny: ExperimentConfig) -> None:
-    run_all(tiny)
+    run_capture(tiny)
     layout = stores.ExperimentLayout(tiny.experiment_dir)
     before = stores.open_store(layout.capture_store)["raw"][:]
     changed = tiny.model_copy(update={"guidance_scale": 3.0})
@@ -185,7 +150,7 @@ def test_bad_values_fail_before_any_work(tmp_path: Path) -> None:
 
 
 def test_shard_marker_records_its_rows(tiny: ExperimentConfig) -> None:
-    run_all(tiny)
+    run_capture(tiny)
     marker = stores.marker_path(stores.ExperimentLayout(tiny.experiment_dir).capture_shards, 1)
     info = json.loads(marker.read_text())
     assert (info["start"], info["stop"], info["samples"]) == (4, 5, 1)

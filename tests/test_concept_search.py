@@ -16,12 +16,12 @@ import xarray as xr
 from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig, load_config
 from ddr.hooks import find_layer, output_tensor, replace_output
-from ddr.models.pipeline import load_pipeline
 from ddr.provision import provision
 from ddr.stages import capture, concept_search
 from ddr.stages.concept_search import Concept, concept_mask, score_concept
 from ddr.tracking import experiment_name, tracking_uri
-from tests.conftest import TINY
+from tests.conftest import TINY, TOY_SHAPES, tiny_config
+from tests.helpers import reference_capture, run_capture
 
 torch.set_num_threads(1)
 
@@ -199,41 +199,9 @@ def test_config_lists_from_the_command_line_and_clear_errors() -> None:
 @pytest.fixture(scope="module")
 def tiny_capture(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Overrides of a tiny experiment whose capture (5 prompts, with the SAE) is complete."""
-    overrides = [f"data_root={tmp_path_factory.mktemp('tiny')}", *TINY]
-    config = load_config(overrides)
-    provision(config)
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in capture.pending_shards(config, plan):
-        capture.capture_shard(config, shard)
-    return overrides
-
-
-def direct_capture(config: ExperimentConfig, prompt: str, seed: int) -> np.ndarray:
-    """Independent reference: a plain forward hook on the layer, one sample, conditional half."""
-    pipe = load_pipeline(config)
-    rows: list[np.ndarray] = []
-
-    def hook(_module: object, _args: object, output: object) -> None:
-        activation = output_tensor(output)
-        rows.append(activation[activation.shape[0] // 2 :].mean(dim=(2, 3))[0].numpy().copy())
-
-    handle = find_layer(pipe.unet, config.target_layer_name).register_forward_hook(hook)
-    try:
-        size = config.resolved_image_size
-        with torch.no_grad():
-            pipe(
-                prompt=[prompt],
-                num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale,
-                height=size,
-                width=size,
-                generator=[torch.Generator().manual_seed(seed)],
-                output_type="np",
-            )
-    finally:
-        handle.remove()
-    return np.stack(rows)
+    root = tmp_path_factory.mktemp("tiny")
+    run_capture(tiny_config(root))
+    return [f"data_root={root}", *TINY]
 
 
 def test_a_prompt_not_in_the_dataset_is_generated_like_a_capture(tiny_capture: list[str]) -> None:
@@ -262,7 +230,7 @@ def test_a_prompt_not_in_the_dataset_is_generated_like_a_capture(tiny_capture: l
     assert generated.prompt.values.tolist() == [novel, novel]
     for row, seed in enumerate(generated.seed.values):
         np.testing.assert_allclose(
-            generated.raw.values[row], direct_capture(config, novel, int(seed)), rtol=1e-4, atol=1e-5
+            generated.raw.values[row], reference_capture(config, novel, int(seed)), rtol=1e-4, atol=1e-5
         )
     for kind in ("raw", "sae"):
         scores = score_concept(config, kind, concept)
@@ -338,11 +306,7 @@ def summary_top(layout: stores.ExperimentLayout, kind: str, name: str) -> int:
 # --- end to end on toy-shapes ---------------------------------------------------------------------
 
 TOY = [
-    "model=toy-shapes",
-    "sae=toy-shapes-topk",
-    "stages.capture.prompt_dataset=toy-shapes",
-    "guidance_scale=2",
-    "num_inference_steps=10",
+    *TOY_SHAPES,
     "stages.capture.samples_per_shard=50",
     "stages.capture.batch_size=50",
     "stages.capture.save_images=false",
@@ -375,10 +339,7 @@ def test_toy_shapes_ranks_a_planted_concept_channel_first(tmp_path: Path, monkey
             handle.remove()
 
     monkeypatch.setattr(capture, "capture_batch", planted_batch)
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in capture.pending_shards(config, plan):
-        capture.capture_shard(config, shard)
+    run_capture(config)
     monkeypatch.undo()
 
     results = {(r["kind"], r["concept"]): r for r in concept_search.run_concept_search(config)}

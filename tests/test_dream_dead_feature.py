@@ -3,7 +3,6 @@ at every token, so the original's `sae_mean` has no gradient) is reached by the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,7 @@ from ddr.stages.deep_dream import latent_shape, noise_latents
 T = 500
 FEATURES = 2  # the two deadest: the lowest mean linear pre-activation among the features with code 0
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_dead_feature_is_reached_by_the_new_objectives_and_not_by_the_old(tmp_path: Path) -> None:

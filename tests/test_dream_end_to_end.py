@@ -3,7 +3,6 @@ phase-only dreams, diversity, the negative view, attribution images and a sweep 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -16,9 +15,10 @@ from ddr import stores
 from ddr.config import ExperimentConfig
 from ddr.dream.sources import example_starts, latent_spectrum, noised, ranked_examples
 from ddr.models.pipeline import load_pipeline
-from ddr.stages import analysis, capture, deep_dream
+from ddr.stages import analysis, deep_dream
 from ddr.tracking import experiment_name, tracking_uri
 from tests.conftest import tiny_config
+from tests.helpers import run_capture
 
 BASE = [
     "image_size=64",
@@ -35,13 +35,7 @@ BASE = [
     "stages.deep_dream.use_prior=false",
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +43,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str
     """A tiny capture (4 samples with images) and its raw analysis; the dream overrides for two peaked channels."""
     root = tmp_path_factory.mktemp("dream_e2e")
     config = tiny_config(root, *BASE)
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in capture.pending_shards(config, plan):
-        capture.capture_shard(config, shard)
+    run_capture(config)
     analysis.run_analysis(config, "raw")
     with xr.open_zarr(stores.ExperimentLayout(config.experiment_dir).analysis_store("raw"), chunks=None) as ds:
         peaked = np.flatnonzero(ds["peak_t"].values[:, 0] >= 0)[:2].tolist()

@@ -19,7 +19,7 @@ from ddr.dream.objectives import (
     empty_prompt_embedding,
     make_objective,
 )
-from ddr.dream.optimise import DreamSettings, optimise, seed_distance_penalty
+from ddr.dream.optimise import DreamResult, DreamSettings, optimise, seed_distance_penalty
 from ddr.dream.parameterisations import make_parameterisation
 from ddr.dream.regularisers import Moment, Range, TotalVariation
 from ddr.hooks import CaptureHook, TimestepTracker, hooked
@@ -28,14 +28,7 @@ from tests.conftest import tiny_config
 
 SIDE = 8  # latent side of the tiny model at image_size=64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """The CPU is shared: oversubscribed intra-op threads make tiny batches ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +154,27 @@ def noised_settings(**overrides: Any) -> DreamSettings:
     return DreamSettings(**{**values, **overrides})
 
 
+def target_rows(targets: list[tuple[int, int]], results: int) -> tuple[list[int], list[int]]:
+    """The channel and timestep of every row: each target repeated for its results, as the stage batches them."""
+    return [c for c, _ in targets for _ in range(results)], [t for _, t in targets for _ in range(results)]
+
+
+def one_target_at_a_time(
+    fn: Any,
+    init: torch.Tensor,
+    channels: list[int],
+    timesteps: list[int],
+    seeds: list[int],
+    settings: DreamSettings,
+    results: int,
+    **kwargs: Any,
+) -> Iterator[tuple[slice, DreamResult]]:
+    """Each target's rows and their optimisation alone (the reference a batched run must equal)."""
+    for j in range(len(channels) // results):
+        rows = slice(j * results, (j + 1) * results)
+        yield rows, optimise(fn, init[rows], channels[rows], timesteps[rows], seeds[rows], settings, **kwargs)
+
+
 def test_batched_equals_one_target_at_a_time(tiny: Any) -> None:
     _, pipe, _ = tiny
     fn = activation_fn(tiny)
@@ -168,21 +182,12 @@ def test_batched_equals_one_target_at_a_time(tiny: Any) -> None:
     targets = [(3, 500), (10, 200), (7, 900)]
     results, seeds = 2, [11, 22]
     init = torch.randn(len(targets) * results, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(2))
-    channels = [c for c, _ in targets for _ in range(results)]
-    timesteps = [t for _, t in targets for _ in range(results)]
+    channels, timesteps = target_rows(targets, results)
     sample_seeds = [1000 * c + s for c, _ in targets for s in seeds]
     batched = optimise(fn, init, channels, timesteps, sample_seeds, settings, add_noise=pipe.scheduler.add_noise)
-    for j in range(len(targets)):
-        rows = slice(j * results, (j + 1) * results)
-        single = optimise(
-            fn,
-            init[rows],
-            channels[rows],
-            timesteps[rows],
-            sample_seeds[rows],
-            settings,
-            add_noise=pipe.scheduler.add_noise,
-        )
+    for rows, single in one_target_at_a_time(
+        fn, init, channels, timesteps, sample_seeds, settings, results, add_noise=pipe.scheduler.add_noise
+    ):
         torch.testing.assert_close(batched.latents[rows], single.latents, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(batched.activation[rows], single.activation, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(batched.history_activation[rows], single.history_activation, atol=1e-4, rtol=1e-4)
@@ -355,25 +360,23 @@ def test_diversity_couples_only_a_targets_results(tiny: Any) -> None:
     settings = noised_settings(diversity_weight=10.0)
     targets, results = [(3, 500), (10, 200)], 2
     init = torch.randn(len(targets) * results, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(7))
-    channels = [c for c, _ in targets for _ in range(results)]
-    timesteps = [t for _, t in targets for _ in range(results)]
+    channels, timesteps = target_rows(targets, results)
     seeds = [100 * c + k for c, _ in targets for k in range(results)]
     groups = [j for j in range(len(targets)) for _ in range(results)]
     batched = optimise(
         fn, init, channels, timesteps, seeds, settings, add_noise=pipe.scheduler.add_noise, groups=groups
     )
-    for j in range(len(targets)):
-        rows = slice(j * results, (j + 1) * results)
-        single = optimise(
-            fn,
-            init[rows],
-            channels[rows],
-            timesteps[rows],
-            seeds[rows],
-            settings,
-            add_noise=pipe.scheduler.add_noise,
-            groups=[0] * results,
-        )
+    for rows, single in one_target_at_a_time(
+        fn,
+        init,
+        channels,
+        timesteps,
+        seeds,
+        settings,
+        results,
+        add_noise=pipe.scheduler.add_noise,
+        groups=[0] * results,
+    ):
         torch.testing.assert_close(batched.latents[rows], single.latents, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(batched.diversity[rows], single.diversity, atol=1e-5, rtol=1e-4)
     plain = optimise(fn, init, channels, timesteps, seeds, noised_settings(), add_noise=pipe.scheduler.add_noise)

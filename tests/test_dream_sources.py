@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +17,19 @@ from ddr.config import ConfigError, ExperimentConfig
 from ddr.dream import sources
 from ddr.dream.sources import encode_images, example_starts, latent_spectrum, mean_latent_spectrum, noised
 from ddr.models.pipeline import load_pipeline
-from ddr.stages import capture
 from tests.conftest import tiny_config
+from tests.helpers import run_capture, write_zarr
 
 SIZE = ["image_size=64", "stages.capture.dev_n_prompts=4"]  # 4 samples, latents [4, 8, 8]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
     """A tiny experiment whose capture stage ran in-process (images saved)."""
     config = tiny_config(tmp_path_factory.mktemp("sources"), *SIZE)
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in plan.shards:
-        capture.capture_shard(config, shard)
+    run_capture(config)
     return config
 
 
@@ -64,13 +53,6 @@ def counting_encoder(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(sources, "encode_images", counted)
     return calls
-
-
-def to_zarr(ds: xr.Dataset, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.to_zarr(path, mode="w")
 
 
 # --- encode_images ------------------------------------------------------------------------------
@@ -147,7 +129,7 @@ def test_latent_spectrum_from_priors_skips_unwritten_rows(captured: ExperimentCo
         {"latent": (("channel", "result", "latent_channel", "y", "x"), latents)},
         coords={"channel": np.asarray([7, 9], dtype=np.int64)},
     )
-    to_zarr(ds, layout(captured).prior_store("raw"))
+    write_zarr(ds, layout(captured).prior_store("raw"))
     spectrum = latent_spectrum(captured, "prior", "raw", max_images=2)
     expected = mean_latent_spectrum(torch.from_numpy(latents[[0, 1], [0, 0]]))  # (7, 0) and (9, 0)
     assert torch.allclose(spectrum, expected, atol=1e-6)
@@ -164,7 +146,7 @@ def test_latent_spectrum_errors(captured: ExperimentConfig, tmp_path: Path) -> N
         latent_spectrum(bare, "capture", "raw", max_images=2)
     with pytest.raises(ConfigError, match="allowed: capture, prior"):
         latent_spectrum(bare, "pixels", "raw", max_images=2)  # type: ignore[arg-type]
-    to_zarr(
+    write_zarr(
         xr.Dataset(
             {"latent": (("channel", "result", "a", "y", "x"), np.full((1, 2, 4, 8, 8), np.nan, np.float32))},
             coords={"channel": [3]},
@@ -223,7 +205,7 @@ def test_example_starts_encode_the_planted_top_examples_once(
         coords={"channel": np.asarray([0, 5, 9]), "timestep": calls},
         attrs={"capture_store": str(layout(captured).capture_store)},
     )
-    to_zarr(ds, layout(captured).analysis_store("raw"))
+    write_zarr(ds, layout(captured).analysis_store("raw"))
     encoded = counting_encoder(monkeypatch)
     targets = [(5, int(calls[3]) - 10), (9, int(calls[1])), (0, 0)]
     latents, samples = example_starts(captured, "raw", targets, n=3, batch=8)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,8 @@ from ddr.dream.objectives import LayerActivation, empty_prompt_embedding, make_o
 from ddr.dream.optimise import DreamSettings, optimise
 from ddr.models.pipeline import load_pipeline
 from ddr.stages import deep_dream
-from tests.conftest import tiny_config
+from tests.conftest import provisioned_root, tiny_config
+from tests.helpers import write_zarr
 
 TOTAL_T = 1000
 WIDTH = {"raw": 64, "sae": 256}  # tiny's up_blocks.1.attentions.1 channels; tiny-topk's features
@@ -37,32 +36,17 @@ DREAM = [
     "stages.deep_dream.use_prior=false",
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dream")
-    tiny_config(root, *DREAM)  # provisions the tiny model and SAE once for the module
-    return root
+    return provisioned_root(tmp_path_factory, "dream", *DREAM)
 
 
 def max_activation(n: int) -> np.ndarray:
     """Distinct per channel and call (the two 665 calls differ)."""
     return (0.5 + 0.01 * np.arange(n)[:, None] + 0.1 * np.arange(len(CALLS))[None, :]).astype(np.float32)
-
-
-def _to_zarr(ds: xr.Dataset, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.to_zarr(path, mode="w")
 
 
 def write_analysis(config: ExperimentConfig, kind: str) -> None:
@@ -82,7 +66,7 @@ def write_analysis(config: ExperimentConfig, kind: str) -> None:
         },
         coords={"channel": np.arange(n), "timestep": np.asarray(CALLS), "t": np.arange(TOTAL_T + 1)},
     )
-    _to_zarr(ds, stores.ExperimentLayout(config.experiment_dir).analysis_store(kind))
+    write_zarr(ds, stores.ExperimentLayout(config.experiment_dir).analysis_store(kind))
 
 
 def write_prior(config: ExperimentConfig, kind: str, channels: list[int], n_results: int = 2) -> np.ndarray:
@@ -96,7 +80,7 @@ def write_prior(config: ExperimentConfig, kind: str, channels: list[int], n_resu
         },
         coords={"channel": np.asarray(channels, dtype=np.int64)},
     )
-    _to_zarr(ds, stores.ExperimentLayout(config.experiment_dir).prior_store(kind))
+    write_zarr(ds, stores.ExperimentLayout(config.experiment_dir).prior_store(kind))
     return latents
 
 

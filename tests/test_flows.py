@@ -60,16 +60,14 @@ def test_pipeline_maps_shards_on_dask_and_logs_one_mlflow_run_per_stage(tmp_path
 
 
 def test_deep_dream_sweep_makes_one_nested_mlflow_run_per_combination(tmp_path: Path) -> None:
-    from ddr.stages import analysis, capture
+    from ddr.stages import analysis
     from flows.deep_dream import deep_dream_sweep_flow, expand_grid
     from tests.conftest import tiny_config
+    from tests.helpers import run_capture
 
     base = [*TINY[:1], "use_sae=false", "stages.capture.dev_n_prompts=3", "stages.timestep_analysis.top_k=8"]
     config = tiny_config(tmp_path, *base)
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in capture.pending_shards(config, plan):
-        capture.capture_shard(config, shard)
+    run_capture(config)
     analysis.run_analysis(config, "raw")
     active = xr.open_zarr(stores.ExperimentLayout(config.experiment_dir).analysis_store("raw")).active.any("t")
     channel = int(np.flatnonzero(active.values)[0])

@@ -21,11 +21,12 @@ from ddr.dream.objectives import empty_prompt_embedding
 from ddr.hooks import find_layer, output_tensor, replace_output
 from ddr.models.pipeline import load_experiment_sae, load_pipeline
 from ddr.provision import provision
-from ddr.stages import analysis, capture, heatmaps
+from ddr.stages import analysis, heatmaps
 from ddr.stages.deep_dream import noise_latents, sample_seed
 from ddr.stages.plots import nearest_call
 from ddr.tracking import tracking_uri
-from tests.conftest import TINY, tiny_config
+from tests.conftest import TINY, TOY_SHAPES, tiny_config
+from tests.helpers import run_capture
 
 torch.set_num_threads(1)
 
@@ -51,10 +52,7 @@ class Plant:
 
 
 def run_capture_and_analysis(config: ExperimentConfig) -> None:
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in plan.shards:
-        capture.capture_shard(config, shard)
+    run_capture(config)
     for kind in config.kinds:
         analysis.run_analysis(config, kind)
 
@@ -322,11 +320,7 @@ def test_toy_shapes_end_to_end(tmp_path: Path) -> None:
     config = load_config(
         [
             f"data_root={tmp_path}",
-            "model=toy-shapes",
-            "sae=toy-shapes-topk",
-            "stages.capture.prompt_dataset=toy-shapes",
-            "guidance_scale=2",
-            "num_inference_steps=10",
+            *TOY_SHAPES,
             "stages.capture.dev_n_prompts=12",
             "stages.capture.samples_per_shard=12",
             "stages.capture.batch_size=12",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ from ddr.models.sae import load_sae
 from ddr.provision import asset_dir
 from ddr.stages import prior
 from ddr.stages.capture import generate, scheduler_timesteps
-from tests.conftest import tiny_config
+from tests.conftest import provisioned_root, tiny_config
+from tests.helpers import write_zarr
 
 TOTAL_T = 1000
 WIDTH = {"raw": 64, "sae": 256}  # the tiny model's up_blocks.1.attentions.1 channels; tiny-topk's features
@@ -45,9 +45,7 @@ PRIOR = [
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("prior")
-    tiny_config(root, *PRIOR)  # provisions the tiny model and SAE once for the module
-    return root
+    return provisioned_root(tmp_path_factory, "prior", *PRIOR)
 
 
 def max_activation(n: int, calls: int) -> np.ndarray:
@@ -75,10 +73,7 @@ def write_analysis(config: ExperimentConfig, kind: str, timesteps: np.ndarray | 
         coords={"channel": np.arange(n), "timestep": ts.astype(np.int64), "t": np.arange(TOTAL_T + 1)},
     )
     path = stores.ExperimentLayout(config.experiment_dir).analysis_store(kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr: consolidated metadata is not in the v3 spec (yet)
-        ds.to_zarr(path, mode="w")
+    write_zarr(ds, path)
     return path
 
 

@@ -24,8 +24,9 @@ from PIL import Image
 from ddr import stores, tracking
 from ddr.config import ExperimentConfig, load_config
 from ddr.inspector.data import KindView, available_kinds, mlflow_link
-from ddr.stages import analysis, capture, deep_dream, prior, representation
+from ddr.stages import analysis, deep_dream, prior, representation
 from tests.conftest import TINY, tiny_config
+from tests.helpers import run_capture
 
 DEMO = [
     *TINY,
@@ -73,10 +74,7 @@ def demo_overrides(root: Path, picks: dict[str, list[int]]) -> list[str]:
 def build_demo(root: Path) -> ExperimentConfig:
     """Every stage on the tiny model into `root`, reusing the stage functions (as `ddr demo` does, smaller)."""
     config = tiny_config(root, *DEMO)
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in capture.pending_shards(config, plan):
-        capture.capture_shard(config, shard)
+    run_capture(config)
     for kind in config.kinds:
         analysis.run_analysis(config, kind)
     picks = {kind: _first_active(config, kind, n) for kind, n in PICKS.items()}

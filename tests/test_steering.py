@@ -4,7 +4,6 @@ then toy-shapes end to end."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,10 @@ from ddr.hooks import ChannelCodes, SaeFeatureCodes, SteeringHook, TimestepTrack
 from ddr.models.pipeline import load_experiment_sae, load_pipeline
 from ddr.models.sae import SparseAutoencoder, random_topk_sae
 from ddr.provision import provision
-from ddr.stages import analysis, capture, prior
+from ddr.stages import analysis, prior
 from ddr.stages.capture import generate, scheduler_timesteps
-from tests.conftest import tiny_config
+from tests.conftest import TOY_SHAPES, provisioned_root, tiny_config
+from tests.helpers import run_capture, write_zarr
 
 torch.set_num_threads(1)
 TOTAL_T = 1000
@@ -152,9 +152,7 @@ def test_sae_ablation_under_input_unit_norm_is_decode_without_the_feature_plus_e
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("steering")
-    tiny_config(root, *PRIOR)  # provisions the tiny model and SAE once for the module
-    return root
+    return provisioned_root(tmp_path_factory, "steering", *PRIOR)
 
 
 def write_analysis(config: ExperimentConfig, kind: str) -> None:
@@ -172,11 +170,7 @@ def write_analysis(config: ExperimentConfig, kind: str) -> None:
         },
         coords={"channel": np.arange(n), "timestep": ts.astype(np.int64), "t": np.arange(TOTAL_T + 1)},
     )
-    path = stores.ExperimentLayout(config.experiment_dir).analysis_store(kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr: consolidated metadata is not in the v3 spec (yet)
-        ds.to_zarr(path, mode="w")
+    write_zarr(ds, stores.ExperimentLayout(config.experiment_dir).analysis_store(kind))
 
 
 def experiment(data_root: Path, name: str, *overrides: str, kind: str = "raw") -> ExperimentConfig:
@@ -397,11 +391,7 @@ def test_sae_ablation_subtracts_the_feature_term_and_a_silent_feature_changes_no
 # --- toy-shapes end to end -------------------------------------------------------------------------
 
 TOY = [
-    "model=toy-shapes",
-    "sae=toy-shapes-topk",
-    "stages.capture.prompt_dataset=toy-shapes",
-    "guidance_scale=2",
-    "num_inference_steps=10",
+    *TOY_SHAPES,
     "stages.capture.dev_n_prompts=12",
     "stages.capture.samples_per_shard=12",
     "stages.capture.batch_size=4",
@@ -422,10 +412,7 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("toy-steering")
     config = load_config([f"data_root={root}", *TOY])
     provision(config)
-    plan = capture.plan_capture(config)
-    capture.prepare_store(config, plan)
-    for shard in capture.pending_shards(config, plan):
-        capture.capture_shard(config, shard)
+    run_capture(config)
     for kind in ("raw", "sae"):
         analysis.run_analysis(config, kind)
     return root
