@@ -93,7 +93,8 @@ def test_interrupted_capture_resumes_without_recomputing(tiny: ExperimentConfig,
     for shard in todo:
         capture.capture_shard(tiny, shard)
     assert sum(len(c) for c in calls) == 1, "only the missing sample is generated again"
-    assert capture.capture_shard(tiny, plan.shards[0])["skipped"]
+    done_again = capture.capture_shard(tiny, plan.shards[0])
+    assert done_again["skipped"] and done_again["samples"] == 0 and done_again["seconds"] == 0.0
     group = stores.open_store(layout.capture_store)
     np.testing.assert_array_equal(group["raw"][0:4], first)
     assert not np.isnan(group["raw"][:]).any()

@@ -264,10 +264,14 @@ def capture_batch(
 
 
 def capture_shard(config: ExperimentConfig, shard: Shard) -> dict[str, Any]:
-    """Capture one shard's samples into the store; a no-op when the shard is already complete."""
+    """Capture one shard's samples into the store; a no-op when the shard is already complete.
+
+    The no-op result has the same keys as a capture's: a task retried after its worker died
+    (a cancelled SLURM job) can find its shard completed by the first attempt.
+    """
     layout = stores.ExperimentLayout(config.experiment_dir)
     if stores.shard_done(layout.capture_shards, shard.index):
-        return {"shard": shard.index, "skipped": True, "samples": 0}
+        return {"shard": shard.index, "skipped": True, "samples": 0, "seconds": 0.0}
     group = stores.open_store(layout.capture_store, mode="r+")
     prompts = group["prompt"][shard.start : shard.stop].tolist()
     seeds = group["seed"][shard.start : shard.stop].tolist()
