@@ -280,7 +280,7 @@ class SteeringHook:
         activation = output_tensor(output)
         n = self.directions.shape[0]
         repeat = activation.shape[0] // n
-        if self.mode == "cfg_aware" and (repeat != 2 or activation.shape[0] != 2 * n):
+        if self.mode == "cfg_aware" and activation.shape[0] != 2 * n:
             raise RuntimeError(
                 f"cfg_aware steering needs the CFG batch [unconditional, conditional] of 2 x {n} rows; "
                 f"the layer output has {activation.shape[0]} (is guidance_scale > 1?)"
@@ -290,7 +290,7 @@ class SteeringHook:
         on = self.steered[:, call].repeat(repeat)
         strength = torch.where(on, self.strengths[:, call].repeat(repeat).float(), 0.0)
         if self.mode == "cfg_aware":
-            strength = strength * torch.cat([-torch.ones(n), torch.ones(n)]).to(strength)
+            strength = torch.cat([-strength[:n], strength[n:]])  # the unconditional half first
         direction = self.directions.repeat(repeat, 1).float()
         if self.mode in ("add", "cfg_aware"):
             return replace_output(output, activation + (strength[:, None] * direction).to(activation)[:, :, None, None])

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig
+from ddr.dream.transforms import draw_noise, sample_generators
 from ddr.models.pipeline import load_pipeline
 from ddr.stores import Kind
 
@@ -280,6 +281,5 @@ def noised(scheduler: Any, latents: Tensor, t: int | Tensor, seeds: Sequence[int
     limit = int(scheduler.config.num_train_timesteps)
     if (timesteps < 0).any() or (timesteps >= limit).any():
         raise ValueError(f"noised: timestep {timesteps.tolist()} out of range; allowed: 0..{limit - 1}")
-    shape = (1, *latents.shape[1:])
-    noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    noise = draw_noise(sample_generators(seeds), latents.shape[1:])
     return scheduler.add_noise(latents, noise.to(latents.device, latents.dtype), timesteps.to(latents.device))

@@ -687,34 +687,50 @@ class _Starts:
     samples: np.ndarray
 
 
+@dataclass
+class _PriorLatents:
+    """The prior store a shard starts from (`start_from=prior`), opened once per shard."""
+
+    path: Path
+    group: Any
+    row_of: dict[int, int]
+
+    @classmethod
+    def open(cls, path: Path) -> _PriorLatents:
+        group = stores.open_store(path)
+        return cls(path, group, {c: i for i, c in enumerate(group["channel"][:].tolist())})
+
+    def latents(self, kind: Kind, channels: list[int], n_res: int) -> torch.Tensor:
+        """[len(channels) * n_res, c, h, w] float32 on the CPU: each channel's first `n_res` priors."""
+        parts = []
+        for channel in channels:
+            latents = self.group["latent"][self.row_of[channel], :n_res]
+            if not np.isfinite(latents).all():
+                raise RuntimeError(
+                    f"the prior of {kind} channel {channel} in {self.path} is not written yet; "
+                    "run the prior stage for it first"
+                )
+            parts.append(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)))
+        return torch.cat(parts)
+
+
 def _batch_starts(
     config: ExperimentConfig,
     kind: Kind,
+    settings: DeepDreamConfig,
     targets: list[tuple[int, int]],
     seeds: list[int],
     pipe: Any,
-    plan: DreamPlan,
+    prior: _PriorLatents | None,
     shape: tuple[int, ...],
 ) -> _Starts:
     """The start latents of the batch's samples (target-major, results within), by `start_kind` (module docstring)."""
-    settings = dream_settings(config, kind)
     n_res = len(seeds)
     none = np.full(len(targets) * n_res, -1, dtype=np.int64)
     start = start_kind(settings)
     if start == "prior":
-        assert plan.prior_store is not None
-        group = stores.open_store(plan.prior_store)
-        row_of = {c: i for i, c in enumerate(group["channel"][:].tolist())}
-        parts = []
-        for channel, _ in targets:
-            latents = group["latent"][row_of[channel], :n_res]
-            if not np.isfinite(latents).all():
-                raise RuntimeError(
-                    f"the prior of {kind} channel {channel} in {plan.prior_store} is not written yet; "
-                    "run the prior stage for it first"
-                )
-            parts.append(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)))
-        return _Starts(torch.cat(parts).to(pipe.device), none)
+        assert prior is not None
+        return _Starts(prior.latents(kind, [c for c, _ in targets], n_res).to(pipe.device), none)
     if start == "noise":
         return _Starts(noise_latents(seeds * len(targets), shape).to(pipe.device), none)  # type: ignore[arg-type]
     clean, samples = example_starts(config, kind, targets, n_res)
@@ -779,14 +795,16 @@ def dream_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> di
         parameterisation = dream_parameterisation(config, kind)
         shape = tuple(group["latent"].shape[2:])
         images_dir = stores.dream_images_dir(layout, run, kind)
-        from_examples = start_kind(settings) == "example"
+        start = start_kind(settings)
+        from_examples = start == "example"
+        prior = _PriorLatents.open(plan.prior_store) if start == "prior" and plan.prior_store else None
         for folder in ("snapshots", "attribution", *(["start"] if from_examples else [])):
             (images_dir / folder).mkdir(parents=True, exist_ok=True)
         per_batch = settings.targets_per_batch
         batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
         for b, batch in enumerate(batches):
             targets = [(target_channel[r], target_t[r]) for r in batch]
-            starts = _batch_starts(config, kind, targets, seeds, pipe, plan, shape)
+            starts = _batch_starts(config, kind, settings, targets, seeds, pipe, prior, shape)
             result = optimise(
                 activation_fn,
                 starts.latents,

@@ -66,10 +66,11 @@ from PIL import Image, ImageDraw
 from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig, PriorConfig
 from ddr.hooks import ChannelCodes, FeatureCodes, SaeFeatureCodes, SteeringHook, SteerMode, TimestepTracker, hooked
-from ddr.models.pipeline import decode_latents, load_experiment_sae, load_pipeline, model_dir
+from ddr.models.pipeline import decode_latents, load_experiment_sae, load_pipeline
 from ddr.models.sae import SparseAutoencoder
 from ddr.stages.analysis import capture_store_path
 from ddr.stages.capture import generate, layer_width, sae_width, scheduler_timesteps
+from ddr.stages.deep_dream import latent_shape, num_train_timesteps
 from ddr.stores import Kind
 
 log = logging.getLogger(__name__)
@@ -197,16 +198,6 @@ def steered_calls(
     raise ValueError(f"unknown timesteps mode {mode!r}")
 
 
-def train_timesteps(config: ExperimentConfig) -> int:
-    """The scheduler's `num_train_timesteps`: timestep values run over 0..this - 1."""
-    from ddr.provision import asset_dir
-
-    folder = model_dir(config)
-    if not (folder / "scheduler").is_dir() and config.model.base_model:
-        folder = asset_dir(config, "models", config.model.base_model)
-    return int(json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"])
-
-
 def steer_window(settings: PriorConfig, timesteps: np.ndarray, n_train: int) -> np.ndarray:
     """[calls] bool: the calls with steer_end_t <= t <= steer_start_t (an end that is None does not limit)."""
     for key in ("steer_start_t", "steer_end_t"):
@@ -282,7 +273,7 @@ def build_schedule(config: ExperimentConfig, kind: Kind) -> PriorSchedule:
     settings = prior_settings(config, kind)
     path = analysis_store_path(config, kind)
     timesteps = scheduler_timesteps(config)
-    window = steer_window(settings, timesteps, train_timesteps(config))
+    window = steer_window(settings, timesteps, num_train_timesteps(config))
     with open_analysis(config, kind) as ds:
         ids = ds["channel"].values.astype(np.int64)
         chosen = settings.select(ids, "stages.prior", str(path))
@@ -389,19 +380,6 @@ def _direction_width(config: ExperimentConfig, kind: Kind) -> int:
     return layer_width(config) if kind == "raw" else int(sae_width(config) or 0)
 
 
-def _latent_shape(config: ExperimentConfig) -> tuple[int, int, int]:
-    from ddr.models.pipeline import model_dir
-    from ddr.provision import asset_dir
-
-    folder = model_dir(config)
-    if not (folder / "vae").is_dir() and config.model.base_model:
-        folder = asset_dir(config, "models", config.model.base_model)
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    unet = json.loads((model_dir(config) / "unet" / "config.json").read_text())
-    side = config.resolved_image_size // 2 ** (len(vae["block_out_channels"]) - 1)
-    return int(unet["in_channels"]), side, side
-
-
 def _params(config: ExperimentConfig, kind: Kind, schedule: PriorSchedule) -> dict[str, Any]:
     """Everything (but the channel selection) that decides a row's contents; a store is reused when these match."""
     settings = prior_settings(config, kind)
@@ -477,7 +455,7 @@ def prepare_prior_store(config: ExperimentConfig, kind: Kind, *, overwrite: bool
         timesteps=schedule.timesteps,
         strength=schedule.strength,
         steered=schedule.steered,
-        latent_shape=_latent_shape(config),
+        latent_shape=latent_shape(config),
         baseline=ablate,
         examples=schedule.examples,
         attrs={
