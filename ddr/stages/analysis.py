@@ -79,12 +79,7 @@ class Block(NamedTuple):
 def capture_store_path(config: ExperimentConfig) -> Path:
     """`stages.timestep_analysis.capture_results_dir` (relative to the experiment folder, or absolute)."""
     folder = config.stages.timestep_analysis.capture_results_dir
-    if folder is None:
-        return stores.ExperimentLayout(config.experiment_dir).capture_store
-    folder = Path(folder).expanduser()
-    if not folder.is_absolute():
-        folder = config.experiment_dir / folder
-    return folder if folder.suffix == ".zarr" else folder / "activations.zarr"
+    return stores.ExperimentLayout(config.experiment_dir).capture_store_from(folder)
 
 
 def analysis_store_path(config: ExperimentConfig, kind: Kind) -> Path:

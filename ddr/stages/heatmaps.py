@@ -58,11 +58,12 @@ from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig, HeatmapsConfig
 from ddr.dream.objectives import LayerActivation, autocast_dtype, empty_prompt_embedding
 from ddr.hooks import SpatialMapHook, TimestepTracker, hooked, layer_output_shape, sae_tokens
-from ddr.models.pipeline import decode_latents, load_experiment_sae, load_pipeline, model_dir
+from ddr.models.pipeline import load_experiment_sae, load_pipeline, model_dir
 from ddr.models.sae import SparseAutoencoder
 from ddr.stages.capture import generate
 from ddr.stages.deep_dream import latent_shape, noise_latents, sample_seed
 from ddr.stages.plots import nearest_call
+from ddr.stages.prior import decode_pixels, to_pil
 from ddr.stores import Kind
 
 log = logging.getLogger(__name__)
@@ -325,10 +326,10 @@ def prepare_heatmap_store(config: ExperimentConfig, kind: Kind) -> Path:
             stores.create_heatmap_store(
                 partial,
                 channels=analysis["channel"][:],
-                peaks=heatmap_settings(config, kind).peaks,
-                ranks=heatmap_settings(config, kind).top_examples,
+                peaks=params["peaks"],
+                ranks=params["top_examples"],
                 results=0,
-                map_shape=map_shape(config),
+                map_shape=tuple(params["map_shape"]),
                 attrs={
                     **{k: v for k, v in params.items() if k != "map_shape"},
                     "model": config.model.name,
@@ -474,15 +475,6 @@ def _mean_deviation(
     return deviation
 
 
-@torch.no_grad()
-def _decode(pipe: Any, latents: Tensor) -> list[Image.Image]:
-    """Final latents -> PIL images through the pipeline's VAE and image processor."""
-    images: list[Image.Image] = []
-    for decoded in decode_latents(pipe, latents, len(latents)):
-        images.extend(pipe.image_processor.postprocess(decoded, output_type="pil"))
-    return images
-
-
 def _map_priors(
     config: ExperimentConfig, kind: Kind, group: zarr.Group, prior_path: Path, channels: list[int], rows: list[int]
 ) -> dict[str, Any]:
@@ -520,7 +512,7 @@ def _map_priors(
         with torch.no_grad():
             out = activation(noisy.to(pipe.device), t.to(pipe.device))  # [batch, width, y, x]
         picked = out[torch.arange(len(batch)), torch.tensor([ready[i][0] for i, _ in batch])].cpu().numpy()
-        images = _decode(pipe, latents)
+        images = to_pil(pipe, decode_pixels(pipe, latents))
         for b, (i, k) in enumerate(batch):
             maps[i, k] = picked[b]
             picture = overlay(images[b], picked[b], settings.overlay_alpha)

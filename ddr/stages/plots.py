@@ -120,8 +120,14 @@ class _Heatmaps:
         self.layout, self.kind = stores.ExperimentLayout(config.experiment_dir), kind
         path = self.layout.heatmap_store(kind)
         self.group = stores.open_store(path) if path.exists() else None
-        self.row = {int(c): i for i, c in enumerate(self.group["channel"][:])} if self.group is not None else {}
-        self.done = stores.heatmap_done_channels(self.layout, kind, "examples") if self.group is not None else set()
+        self.row: dict[int, int] = {}
+        self.done: set[int] = set()
+        if self.group is not None:
+            self.row = {int(c): i for i, c in enumerate(self.group["channel"][:])}
+            self.done = stores.heatmap_done_channels(self.layout, kind, "examples")
+            # the tables are single chunks: read once here, not once per frame
+            self.call = np.asarray(self.group["example_call"][:])  # [channel, peak]
+            self.top_sample = np.asarray(self.group["example_sample"][:, :, 0])  # [channel, peak], rank 0
 
     def mapped_at(self, channel: int) -> float:
         """When the channel's maps were written (its marker's mtime; -inf when it has none)."""
@@ -131,11 +137,10 @@ class _Heatmaps:
 
     def overlay(self, channel: int, peak: int, call: int, sample: int) -> tuple[Path, float] | None:
         """(overlay PNG, map max) of the channel's top example at this peak, if that very call and sample was mapped."""
-        if self.group is None or channel not in self.done or peak >= self.group["example_call"].shape[1]:
+        if self.group is None or channel not in self.done or peak >= self.call.shape[1]:
             return None
         row = self.row[channel]
-        same_call = int(self.group["example_call"][row, peak]) == call
-        if not same_call or int(self.group["example_sample"][row, peak, 0]) != sample:
+        if int(self.call[row, peak]) != call or int(self.top_sample[row, peak]) != sample:
             return None
         path = stores.heatmap_overlay_path(self.layout, self.kind, channel, peak, 0)
         return (path, float(np.max(self.group["example_map"][row, peak, 0]))) if path.is_file() else None

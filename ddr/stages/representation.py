@@ -719,6 +719,13 @@ class _Priors:
         done = store.parent / "done"
         self.done = stores.prior_done_channels(done) if done.is_dir() else None
         self.images = store.parent / "images"
+        # prompt_source=top_examples: result k regenerates a dataset example, with its own seed and prompt
+        # (tables written once by prepare: read whole here, not once per channel)
+        self.examples = {
+            name: np.asarray(self.group[f"example_{name}"][:])
+            for name in ("sample", "seed", "prompt")
+            if f"example_{name}" in self.group
+        }
         attrs = dict(self.group.attrs)
         start, end = attrs.get("steer_start_t"), attrs.get("steer_end_t")
         self.settings = {
@@ -742,12 +749,7 @@ class _Priors:
         if row is None or (self.done is not None and channel not in self.done):
             return None
         effect = np.asarray(self.group["effect"][row], dtype=np.float64) if "effect" in self.group else None
-        # prompt_source=top_examples: result k regenerates a dataset example, with its own seed and prompt
-        examples = {
-            name: np.asarray(self.group[f"example_{name}"][row])
-            for name in ("sample", "seed", "prompt")
-            if f"example_{name}" in self.group
-        }
+        examples = {name: table[row] for name, table in self.examples.items()}
         results = [
             {
                 "result": r,
@@ -793,6 +795,10 @@ class _Heatmaps:
             if stores.heatmap_done_dir(self.layout, kind).is_dir()
             else None
         )
+        # the per-channel tables are single chunks: read each once here, not once per channel
+        tables = [name for name in stores.HEATMAP_TABLES if name in self.group]
+        self.tables = {name: np.asarray(self.group[name][:]) for name in tables}
+        self.has_prior_maps = "prior_map" in self.group and "prior_t" in self.tables  # absent while being reset
 
     def _finished(self, part: stores.HeatmapPart, channel: int) -> bool:
         return self.done is None or channel in self.done[part]
@@ -804,9 +810,8 @@ class _Heatmaps:
         if not self._finished("examples", channel):
             return []
         maps = np.asarray(self.group["example_map"][row], dtype=np.float64)  # [peak, rank, y, x]
-        samples = np.asarray(self.group["example_sample"][row])
-        calls = np.asarray(self.group["example_call"][row])
-        peak_t = np.asarray(self.group["peak_t"][row])
+        samples, calls = self.tables["example_sample"][row], self.tables["example_call"][row]
+        peak_t = self.tables["peak_t"][row]
         out = []
         for peak, rank in zip(*np.nonzero(samples >= 0), strict=True):
             written = np.isfinite(maps[peak, rank])
@@ -828,10 +833,10 @@ class _Heatmaps:
         return out
 
     def _priors(self, channel: int, row: int) -> list[dict[str, Any]]:
-        if "prior_map" not in self.group or not self._finished("priors", channel):  # absent while being reset
+        if not self.has_prior_maps or not self._finished("priors", channel):
             return []
         maps = np.asarray(self.group["prior_map"][row], dtype=np.float64)  # [result, y, x]
-        t = int(self.group["prior_t"][row])
+        t = int(self.tables["prior_t"][row])
         return [
             {
                 "result": result,
