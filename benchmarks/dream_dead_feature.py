@@ -24,9 +24,9 @@ import torch
 from ddr.config import load_config
 from ddr.dream.objectives import LayerActivation, empty_prompt_embedding, make_objective
 from ddr.dream.optimise import DreamSettings, optimise
-from ddr.models.pipeline import load_experiment_sae, load_pipeline
+from ddr.models.pipeline import latent_shape, load_experiment_sae, load_pipeline
 from ddr.provision import provision
-from ddr.stages.deep_dream import latent_shape, noise_latents, sample_seed
+from ddr.stages.deep_dream import noise_latents, sample_seed
 
 OBJECTIVES = ("sae_mean", "sae_pre_activation_mean", "sae_dot_cosine")
 

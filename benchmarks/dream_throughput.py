@@ -27,9 +27,9 @@ import torch
 from ddr.config import load_config
 from ddr.dream.objectives import LayerActivation, autocast_dtype, empty_prompt_embedding, make_objective
 from ddr.dream.optimise import DreamSettings, optimise
-from ddr.models.pipeline import load_pipeline
+from ddr.models.pipeline import latent_shape, load_pipeline
 from ddr.provision import provision
-from ddr.stages.deep_dream import FP16_LOSS_SCALE, latent_shape, noise_latents, sample_seed
+from ddr.stages.deep_dream import FP16_LOSS_SCALE, noise_latents, sample_seed
 
 TIMESTEPS = (900, 500, 100)
 

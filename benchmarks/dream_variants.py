@@ -30,9 +30,9 @@ from ddr.config import load_config
 from ddr.dream.objectives import LayerActivation, empty_prompt_embedding, make_objective
 from ddr.dream.optimise import DreamResult, DreamSettings, optimise
 from ddr.dream.sources import encode_images
-from ddr.models.pipeline import load_pipeline
+from ddr.models.pipeline import latent_shape, load_pipeline
 from ddr.provision import provision
-from ddr.stages.deep_dream import latent_shape, noise_latents, sample_seed
+from ddr.stages.deep_dream import noise_latents, sample_seed
 from ddr.toy.shapes import make_dataset
 
 

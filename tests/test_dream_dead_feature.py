@@ -11,9 +11,9 @@ import torch
 from ddr.config import load_config
 from ddr.dream.objectives import LayerActivation, empty_prompt_embedding, make_objective
 from ddr.dream.optimise import DreamSettings, optimise
-from ddr.models.pipeline import load_experiment_sae, load_pipeline
+from ddr.models.pipeline import latent_shape, load_experiment_sae, load_pipeline
 from ddr.provision import provision
-from ddr.stages.deep_dream import latent_shape, noise_latents
+from ddr.stages.deep_dream import noise_latents
 
 T = 500
 FEATURES = 2  # the two deadest: the lowest mean linear pre-activation among the features with code 0

@@ -8,9 +8,11 @@ process, so Dask tasks on the same worker share one loaded model.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
@@ -63,6 +65,27 @@ def _load_pipeline(model_dir: str, base_dir: str | None, device: str, dtype: tor
 
 def model_dir(config: ExperimentConfig) -> Path:
     return require(asset_dir(config, "models", config.model.name), f"model {config.model.name!r}")
+
+
+def _model_json(config: ExperimentConfig, component: str, name: str) -> dict[str, Any]:
+    """A component's config file, from the model folder or, for a bare UNet checkpoint, its base model's."""
+    folder = model_dir(config)
+    if not (folder / component).is_dir() and config.model.base_model:
+        folder = asset_dir(config, "models", config.model.base_model)
+    return json.loads((folder / component / name).read_text())
+
+
+def latent_shape(config: ExperimentConfig) -> tuple[int, int, int]:
+    """(latent channels, h, w) at the experiment's image size, from the model configs."""
+    vae = _model_json(config, "vae", "config.json")
+    unet = json.loads((model_dir(config) / "unet" / "config.json").read_text())
+    side = config.resolved_image_size // 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(unet["in_channels"]), side, side
+
+
+def num_train_timesteps(config: ExperimentConfig) -> int:
+    """The scheduler's training timesteps (t ranges over 0..n-1), from its config; 1000 when unset."""
+    return int(_model_json(config, "scheduler", "scheduler_config.json").get("num_train_timesteps", 1000))
 
 
 def load_pipeline(config: ExperimentConfig) -> StableDiffusionPipeline:

@@ -92,8 +92,7 @@ from ddr.dream.optimise import DreamResult, DreamSettings, optimise
 from ddr.dream.parameterisations import Parameterisation, make_parameterisation
 from ddr.dream.regularisers import penalties_from_config
 from ddr.dream.sources import example_starts, latent_spectrum, noised, ranked_examples
-from ddr.models.pipeline import decode_latents, load_experiment_sae, load_pipeline, model_dir
-from ddr.provision import asset_dir
+from ddr.models.pipeline import decode_latents, latent_shape, load_experiment_sae, load_pipeline, num_train_timesteps
 from ddr.stores import Kind
 
 log = logging.getLogger(__name__)
@@ -190,25 +189,6 @@ def prior_store_path(config: ExperimentConfig, kind: Kind) -> Path:
     """`prior_results_dir` (a priors.zarr, a `prior/<kind>` folder or a `prior` folder) or this experiment's."""
     folder = dream_settings(config, kind).prior_results_dir
     return stores.ExperimentLayout(config.experiment_dir).prior_store_from(kind, folder)
-
-
-def _model_json(config: ExperimentConfig, component: str, name: str) -> dict[str, Any]:
-    folder = model_dir(config)
-    if not (folder / component).is_dir() and config.model.base_model:
-        folder = asset_dir(config, "models", config.model.base_model)
-    return json.loads((folder / component / name).read_text())
-
-
-def latent_shape(config: ExperimentConfig) -> tuple[int, int, int]:
-    """(latent channels, h, w) at the experiment's image size, from the model configs."""
-    vae = _model_json(config, "vae", "config.json")
-    unet = json.loads((model_dir(config) / "unet" / "config.json").read_text())
-    side = config.resolved_image_size // 2 ** (len(vae["block_out_channels"]) - 1)
-    return int(unet["in_channels"]), side, side
-
-
-def num_train_timesteps(config: ExperimentConfig) -> int:
-    return int(_model_json(config, "scheduler", "scheduler_config.json").get("num_train_timesteps", 1000))
 
 
 def _objective_width(config: ExperimentConfig, kind: Kind) -> int:

@@ -58,10 +58,10 @@ from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig, HeatmapsConfig
 from ddr.dream.objectives import LayerActivation, autocast_dtype, empty_prompt_embedding
 from ddr.hooks import SpatialMapHook, TimestepTracker, hooked, layer_output_shape, sae_tokens
-from ddr.models.pipeline import load_experiment_sae, load_pipeline, model_dir
+from ddr.models.pipeline import latent_shape, load_experiment_sae, load_pipeline, model_dir
 from ddr.models.sae import SparseAutoencoder
 from ddr.stages.capture import generate
-from ddr.stages.deep_dream import latent_shape, noise_latents, sample_seed
+from ddr.stages.deep_dream import noise_latents, sample_seed
 from ddr.stages.plots import nearest_call
 from ddr.stages.prior import decode_pixels, to_pil
 from ddr.stores import Kind

@@ -66,11 +66,10 @@ from PIL import Image, ImageDraw
 from ddr import stores
 from ddr.config import ConfigError, ExperimentConfig, PriorConfig
 from ddr.hooks import ChannelCodes, FeatureCodes, SaeFeatureCodes, SteeringHook, SteerMode, TimestepTracker, hooked
-from ddr.models.pipeline import decode_latents, load_experiment_sae, load_pipeline
+from ddr.models.pipeline import decode_latents, latent_shape, load_experiment_sae, load_pipeline, num_train_timesteps
 from ddr.models.sae import SparseAutoencoder
 from ddr.stages.analysis import capture_store_path
 from ddr.stages.capture import generate, layer_width, sae_width, scheduler_timesteps
-from ddr.stages.deep_dream import latent_shape, num_train_timesteps
 from ddr.stores import Kind
 
 log = logging.getLogger(__name__)
