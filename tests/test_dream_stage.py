@@ -18,7 +18,7 @@ from ddr.dream.optimise import DreamSettings, optimise
 from ddr.models.pipeline import load_pipeline
 from ddr.stages import deep_dream
 from tests.conftest import provisioned_root, tiny_config
-from tests.helpers import write_zarr
+from tests.helpers import active_ranges, peak_table, write_analysis_store, write_zarr
 
 TOTAL_T = 1000
 WIDTH = {"raw": 64, "sae": 256}  # tiny's up_blocks.1.attentions.1 channels; tiny-topk's features
@@ -52,21 +52,14 @@ def max_activation(n: int) -> np.ndarray:
 def write_analysis(config: ExperimentConfig, kind: str) -> None:
     """A hand-made `analysis/<kind>.zarr` as DESIGN.md lays it out."""
     n = WIDTH[kind]
-    active = np.zeros((n, TOTAL_T + 1), dtype=bool)
-    for channel, (lo, hi) in ACTIVE.items():
-        active[channel, lo : hi + 1] = True
-    peak_t = np.full((n, 3), -1, dtype=np.int64)
-    for channel, peaks in PEAKS.items():
-        peak_t[channel, : len(peaks)] = peaks
-    ds = xr.Dataset(
-        {
-            "max_activation": (("channel", "timestep"), max_activation(n)),
-            "active": (("channel", "t"), active),
-            "peak_t": (("channel", "peak"), peak_t),
-        },
-        coords={"channel": np.arange(n), "timestep": np.asarray(CALLS), "t": np.arange(TOTAL_T + 1)},
+    write_analysis_store(
+        config,
+        kind,
+        calls=np.asarray(CALLS),
+        max_activation=max_activation(n),
+        active=active_ranges(n, ACTIVE, TOTAL_T),
+        peak_t=peak_table(n, PEAKS),
     )
-    write_zarr(ds, stores.ExperimentLayout(config.experiment_dir).analysis_store(kind))
 
 
 def write_prior(config: ExperimentConfig, kind: str, channels: list[int], n_results: int = 2) -> np.ndarray:

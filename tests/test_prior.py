@@ -20,7 +20,7 @@ from ddr.provision import asset_dir
 from ddr.stages import prior
 from ddr.stages.capture import generate, scheduler_timesteps
 from tests.conftest import provisioned_root, tiny_config
-from tests.helpers import write_zarr
+from tests.helpers import active_ranges, peak_table, write_analysis_store
 
 TOTAL_T = 1000
 WIDTH = {"raw": 64, "sae": 256}  # the tiny model's up_blocks.1.attentions.1 channels; tiny-topk's features
@@ -57,24 +57,16 @@ def write_analysis(config: ExperimentConfig, kind: str, timesteps: np.ndarray | 
     """A hand-made analysis store as the timestep_analysis stage lays it out (DESIGN.md)."""
     n = WIDTH[kind]
     ts = scheduler_timesteps(config) if timesteps is None else np.asarray(timesteps)
-    active = np.zeros((n, TOTAL_T + 1), dtype=bool)
-    for channel, (lo, hi) in ACTIVE.items():
-        active[channel, lo : hi + 1] = True
-    peak_t = np.full((n, 3), -1, dtype=np.int64)
-    for channel, peaks in PEAKS.items():
-        peak_t[channel, : len(peaks)] = peaks
-    ds = xr.Dataset(
-        {
-            "max_activation": (("channel", "timestep"), max_activation(n, len(ts))),
-            "active": (("channel", "t"), active),
-            "profile": (("channel", "t"), active * 0.5),
-            "peak_t": (("channel", "peak"), peak_t),
-        },
-        coords={"channel": np.arange(n), "timestep": ts.astype(np.int64), "t": np.arange(TOTAL_T + 1)},
+    active = active_ranges(n, ACTIVE, TOTAL_T)
+    return write_analysis_store(
+        config,
+        kind,
+        calls=ts,
+        max_activation=max_activation(n, len(ts)),
+        active=active,
+        peak_t=peak_table(n, PEAKS),
+        profile=active * 0.5,
     )
-    path = stores.ExperimentLayout(config.experiment_dir).analysis_store(kind)
-    write_zarr(ds, path)
-    return path
 
 
 def experiment(

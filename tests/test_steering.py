@@ -21,7 +21,7 @@ from ddr.provision import provision
 from ddr.stages import analysis, prior
 from ddr.stages.capture import generate, scheduler_timesteps
 from tests.conftest import TOY_SHAPES, provisioned_root, tiny_config
-from tests.helpers import run_capture, write_zarr
+from tests.helpers import peak_table, run_capture, write_analysis_store
 
 torch.set_num_threads(1)
 TOTAL_T = 1000
@@ -159,18 +159,14 @@ def write_analysis(config: ExperimentConfig, kind: str) -> None:
     """Every channel active at every t; channel 3 peaks at t=600 and t=100, the others at 500."""
     n = 64 if kind == "raw" else 256
     ts = scheduler_timesteps(config)
-    peak_t = np.full((n, 2), -1, dtype=np.int64)
-    peak_t[:, 0] = 500
-    peak_t[3] = [600, 100]
-    ds = xr.Dataset(
-        {
-            "max_activation": (("channel", "timestep"), np.full((n, len(ts)), 0.5, dtype=np.float32)),
-            "active": (("channel", "t"), np.ones((n, TOTAL_T + 1), dtype=bool)),
-            "peak_t": (("channel", "peak"), peak_t),
-        },
-        coords={"channel": np.arange(n), "timestep": ts.astype(np.int64), "t": np.arange(TOTAL_T + 1)},
+    write_analysis_store(
+        config,
+        kind,
+        calls=ts,
+        max_activation=np.full((n, len(ts)), 0.5, dtype=np.float32),
+        active=np.ones((n, TOTAL_T + 1), dtype=bool),
+        peak_t=peak_table(n, {c: [600, 100] if c == 3 else [500] for c in range(n)}, width=2),
     )
-    write_zarr(ds, stores.ExperimentLayout(config.experiment_dir).analysis_store(kind))
 
 
 def experiment(data_root: Path, name: str, *overrides: str, kind: str = "raw") -> ExperimentConfig:
