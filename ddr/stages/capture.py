@@ -27,6 +27,7 @@ from ddr.config import ExperimentConfig
 from ddr.datasets import PromptFile, load_prompts
 from ddr.hooks import CaptureHook, TimestepTracker, hooked, layer_output_shape
 from ddr.models.pipeline import load_experiment_sae, load_pipeline, model_dir
+from ddr.progress import log_progress
 from ddr.provision import asset_dir, dataset_spec, require
 
 log = logging.getLogger(__name__)
@@ -296,16 +297,7 @@ def capture_shard(config: ExperimentConfig, shard: Shard) -> dict[str, Any]:
             for i, image in enumerate(images):
                 image.save(layout.root / f"capture/images/{shard.start + offset + i:06d}.png")
         if (b + 1) % settings.log_every_n_steps == 0 or b + 1 == n_batches:
-            elapsed = time.perf_counter() - started
-            done = batch.stop
-            log.info(
-                "capture shard %d: %d/%d samples, %.2f samples/s, ETA %.0fs",
-                shard.index,
-                done,
-                n,
-                done / elapsed,
-                (n - done) * elapsed / done,
-            )
+            log_progress(log, f"capture shard {shard.index}", batch.stop, n, "samples", started)
     stores.write_capture_rows(group, shard.start, np.concatenate(raws), np.concatenate(codes) if codes else None)
     seconds = time.perf_counter() - started
     info = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "seconds": seconds, "samples": n}

@@ -93,6 +93,7 @@ from ddr.dream.parameterisations import Parameterisation, make_parameterisation
 from ddr.dream.regularisers import penalties_from_config
 from ddr.dream.sources import example_starts, latent_spectrum, noised, ranked_examples
 from ddr.models.pipeline import decode_latents, latent_shape, load_experiment_sae, load_pipeline, num_train_timesteps
+from ddr.progress import log_progress
 from ddr.stores import Kind
 
 log = logging.getLogger(__name__)
@@ -833,16 +834,8 @@ def dream_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> di
                 )
                 done.add(row)
             if (b + 1) % settings.log_every_n_steps == 0 or b + 1 == len(batches):
-                elapsed = time.perf_counter() - started
                 n_done = sum(len(x) for x in batches[: b + 1])
-                log.info(
-                    "deep_dream %s: %d/%d targets, %.2f targets/min, ETA %.0fs",
-                    kind,
-                    n_done,
-                    len(todo),
-                    60 * n_done / elapsed,
-                    (len(todo) - n_done) * elapsed / n_done,
-                )
+                log_progress(log, f"deep_dream {kind}", n_done, len(todo), "targets", started)
     for channel in channels:
         channel_rows = [r for r in rows if target_channel[r] == channel]
         if all(r in done for r in channel_rows):

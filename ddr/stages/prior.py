@@ -68,6 +68,7 @@ from ddr.config import ConfigError, ExperimentConfig, PriorConfig
 from ddr.hooks import ChannelCodes, FeatureCodes, SaeFeatureCodes, SteeringHook, SteerMode, TimestepTracker, hooked
 from ddr.models.pipeline import decode_latents, latent_shape, load_experiment_sae, load_pipeline, num_train_timesteps
 from ddr.models.sae import SparseAutoencoder
+from ddr.progress import log_progress
 from ddr.stages.analysis import capture_store_path
 from ddr.stages.capture import generate, layer_width, sae_width, scheduler_timesteps
 from ddr.stores import Kind
@@ -775,16 +776,8 @@ def prior_shard(config: ExperimentConfig, kind: Kind, channels: list[int]) -> di
                 info = {"channel": channel, "row": rows[j], "seeds": batch_seeds[mine]}
                 stores.mark_prior_channel_done(done_dir, channel, info)
             if (b + 1) % settings.log_every_n_steps == 0 or b + 1 == len(batches):
-                elapsed = time.perf_counter() - started
                 n_done = sum(len(x) for x in batches[: b + 1])
-                log.info(
-                    "prior %s: %d/%d channels, %.2f channels/min, ETA %.0fs",
-                    kind,
-                    n_done,
-                    len(todo),
-                    60 * n_done / elapsed,
-                    (len(todo) - n_done) * elapsed / n_done,
-                )
+                log_progress(log, f"prior {kind}", n_done, len(todo), "channels", started)
     sheet = stores.prior_contact_sheet_path(layout, kind, channels)
     if todo or not sheet.is_file():
         sheet = contact_sheet(layout, kind, channels, n_res, baseline=ablate)
