@@ -243,6 +243,11 @@ def shard_done(folder: Path, shard: int) -> bool:
     return marker_path(folder, shard).is_file()
 
 
+def shard_info(folder: Path, shard: int) -> dict[str, Any]:
+    """What a completed shard's marker recorded (`mark_shard_done`'s info)."""
+    return json.loads(marker_path(folder, shard).read_text())
+
+
 def mark_shard_done(folder: Path, shard: int, info: dict[str, Any]) -> None:
     """Atomically record that a shard's data is fully written (rename is atomic on POSIX)."""
     folder.mkdir(parents=True, exist_ok=True)

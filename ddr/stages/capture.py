@@ -267,12 +267,13 @@ def capture_batch(
 def capture_shard(config: ExperimentConfig, shard: Shard) -> dict[str, Any]:
     """Capture one shard's samples into the store; a no-op when the shard is already complete.
 
-    The no-op result has the same keys as a capture's: a task retried after its worker died
-    (a cancelled SLURM job) can find its shard completed by the first attempt.
+    A shard found complete reports what its marker recorded: the flow only runs shards that were
+    pending when it planned, so such a shard was captured by an earlier attempt of this task whose
+    result was lost with its worker (a cancelled SLURM job), and its samples count for this run.
     """
     layout = stores.ExperimentLayout(config.experiment_dir)
     if stores.shard_done(layout.capture_shards, shard.index):
-        return {"shard": shard.index, "skipped": True, "samples": 0, "seconds": 0.0}
+        return {**stores.shard_info(layout.capture_shards, shard.index), "skipped": True}
     group = stores.open_store(layout.capture_store, mode="r+")
     prompts = group["prompt"][shard.start : shard.stop].tolist()
     seeds = group["seed"][shard.start : shard.stop].tolist()
